@@ -1,0 +1,144 @@
+"""Every error promptmill raises, under one base class.
+
+    PromptmillError                 base; ``exit_code`` is what the CLI exits with
+    ├── UsageError (exit 2)         bad job file, option, input or output: nothing was sent
+    │   ├── JobFileError            names the job file, its line and the key
+    │   ├── InputError              names the input file, its line (or row) and column
+    │   └── OutputError             names the output path
+    ├── JobStopped (exit 3)         a fatal server answer (401, 402, 403, spent quota)
+    └── RequestError                one row's request failed; carries ``row_id`` like
+        │                           httpx errors carry ``.request``
+        ├── APIStatusError          the server answered with a non-2xx status
+        ├── APIConnectionError      connect error, timeout, connection dropped
+        └── ResponseError           2xx but the body is unparseable, of the wrong
+                                    shape, or the stream was cut off
+
+Whether a ``RequestError`` is retried, ends the row, or stops the job is decided
+in one place, ``batch.retry``, from the outcome table in the design.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+__all__ = [
+    "APIConnectionError",
+    "APIStatusError",
+    "InputError",
+    "JobFileError",
+    "JobStopped",
+    "OutputError",
+    "PromptmillError",
+    "RequestError",
+    "ResponseError",
+    "UsageError",
+]
+
+
+class PromptmillError(Exception):
+    """Base of every promptmill error."""
+
+    exit_code = 1
+
+
+class UsageError(PromptmillError):
+    """The job cannot start: its file, options, input or output are wrong."""
+
+    exit_code = 2
+
+
+def _where(path: Path | str | None, line: int | None, column: int | None = None) -> str:
+    parts = []
+    if path is not None:
+        parts.append(str(path))
+    if line is not None:
+        parts.append(f"line {line}")
+    if column is not None:
+        parts.append(f"column {column}")
+    return ", ".join(parts)
+
+
+class JobFileError(UsageError):
+    """The job file (or an option overriding it) is wrong."""
+
+    def __init__(
+        self, message: str, *, path: Path | str | None = None, line: int | None = None, key: str | None = None
+    ) -> None:
+        self.path = path
+        self.line = line
+        self.key = key
+        where = _where(path, line)
+        if key is not None:
+            where = f"{where}, key '{key}'" if where else f"key '{key}'"
+        super().__init__(f"{where}: {message}" if where else message)
+
+
+class InputError(UsageError):
+    """The input file is missing, unreadable, or a row in it is wrong."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: Path | str | None = None,
+        line: int | None = None,
+        column: str | None = None,
+    ) -> None:
+        self.path = path
+        self.line = line
+        self.column = column
+        where = _where(path, line)
+        if column is not None:
+            where = f"{where}, column '{column}'" if where else f"column '{column}'"
+        super().__init__(f"{where}: {message}" if where else message)
+
+
+class OutputError(UsageError):
+    """The output path cannot be created or written."""
+
+    def __init__(self, message: str, *, path: Path | str | None = None) -> None:
+        self.path = path
+        super().__init__(f"{path}: {message}" if path is not None else message)
+
+
+class JobStopped(PromptmillError):
+    """A server answer that every further request would get too (bad key, no balance)."""
+
+    exit_code = 3
+
+    def __init__(self, message: str, *, cause: RequestError | None = None) -> None:
+        self.cause = cause
+        super().__init__(message)
+
+
+class RequestError(PromptmillError):
+    """One request failed. ``row_id`` is set by the runner once it is known."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        http_status: int | None = None,
+        code: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        row_id: str | None = None,
+    ) -> None:
+        self.message = message
+        self.http_status = http_status
+        self.code = code
+        self.headers: Mapping[str, str] = headers or {}
+        self.row_id = row_id
+        super().__init__(message)
+
+
+class APIStatusError(RequestError):
+    """The server answered with a non-2xx status; ``code`` is its error code if it sent one."""
+
+
+class APIConnectionError(RequestError):
+    """The request never got a complete answer: connect error, timeout, dropped connection."""
+
+
+class ResponseError(RequestError):
+    """A 2xx answer that cannot be used: unparseable, wrong shape, or a stream cut off."""

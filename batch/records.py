@@ -1,0 +1,94 @@
+"""Small frozen records that travel through the pipeline, one per row and stage."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+__all__ = ["Completion", "Request", "Result", "Row", "Usage"]
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Token counts as the server reported them."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    cached_tokens: int | None = None
+    reasoning_tokens: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """A parsed successful answer (non-streamed body or an assembled stream)."""
+
+    text: str
+    finish_reason: str | None
+    response_id: str | None
+    model: str | None
+    created: datetime | None
+    system_fingerprint: str | None
+    usage: Usage | None
+    ttft_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One input row as the reader yields it.
+
+    ``index`` is the 0-based position in the input; ``line`` the 1-based line of a
+    JSONL file (or the 1-based row number of a Parquet file) for error messages.
+    ``values`` holds the columns the job uses (template fields and pass-through).
+    """
+
+    index: int
+    line: int
+    id: str
+    prompt: str | None
+    messages: list[dict[str, Any]] | None
+    values: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """What the job sends for one row."""
+
+    index: int
+    id: str
+    body: dict[str, Any]
+    passthrough: Mapping[str, Any]
+    est_prompt_tokens: int
+    fingerprint: str
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """The outcome of one row, as written to the output."""
+
+    index: int
+    id: str
+    passthrough: Mapping[str, Any]
+    fingerprint: str
+    model: str
+    endpoint: str
+    status: str  # "ok" or "failed"
+    text: str | None = None
+    finish_reason: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    total_tokens: int | None = None
+    cached_tokens: int | None = None
+    reasoning_tokens: int | None = None
+    cost_usd: float | None = None
+    latency_s: float | None = None
+    ttft_s: float | None = None
+    attempts: int = 0
+    http_status: int | None = None
+    error_code: str | None = None
+    error: str | None = None
+    response_id: str | None = None
+    created: datetime | None = None
+    system_fingerprint: str | None = None
