@@ -1,0 +1,157 @@
+"""The end-of-job summary: rows, tokens, cost per model, speed and latency."""
+
+from __future__ import annotations
+
+import json
+import os
+from array import array
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from batch.records import Result
+
+__all__ = ["ModelTotals", "Summary", "percentile"]
+
+
+def percentile(values: array, q: float) -> float | None:
+    """Nearest-rank percentile (q in 0..100) of unsorted values; None when empty."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, round(q / 100 * len(ordered) + 0.5 - 1e-9))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+@dataclass(slots=True)
+class ModelTotals:
+    rows_ok: int = 0
+    rows_failed: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+    cost_usd: float = 0.0
+    rows_unpriced: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "rows_ok": self.rows_ok,
+            "rows_failed": self.rows_failed,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "cached_tokens": self.cached_tokens,
+            "reasoning_tokens": self.reasoning_tokens,
+            "cost_usd": round(self.cost_usd, 8),
+            "rows_unpriced": self.rows_unpriced,
+        }
+
+
+@dataclass(slots=True)
+class Summary:
+    """Accumulates this run's results; cheap per row (a few additions and one float kept)."""
+
+    job: str
+    output: str
+    rows_skipped: int = 0
+    models: dict[str, ModelTotals] = field(default_factory=dict)
+    latencies: array = field(default_factory=lambda: array("d"))
+    wall_s: float = 0.0
+    stopped: str | None = None  # why the job ended early, if it did
+    errors: dict[str, int] = field(default_factory=dict)
+
+    def add(self, r: Result) -> None:
+        totals = self.models.get(r.model)
+        if totals is None:
+            totals = self.models[r.model] = ModelTotals()
+        if r.status == "ok":
+            totals.rows_ok += 1
+        else:
+            totals.rows_failed += 1
+            key = r.error_code or (str(r.http_status) if r.http_status else "error")
+            self.errors[key] = self.errors.get(key, 0) + 1
+        if r.prompt_tokens is not None:
+            totals.prompt_tokens += r.prompt_tokens
+            totals.completion_tokens += r.completion_tokens or 0
+            totals.cached_tokens += r.cached_tokens or 0
+            totals.reasoning_tokens += r.reasoning_tokens or 0
+            if r.cost_usd is None:
+                totals.rows_unpriced += 1
+            else:
+                totals.cost_usd += r.cost_usd
+        if r.latency_s is not None and r.status == "ok":
+            self.latencies.append(r.latency_s)
+
+    @property
+    def rows_ok(self) -> int:
+        return sum(t.rows_ok for t in self.models.values())
+
+    @property
+    def rows_failed(self) -> int:
+        return sum(t.rows_failed for t in self.models.values())
+
+    def total(self) -> ModelTotals:
+        t = ModelTotals()
+        for m in self.models.values():
+            for name in ModelTotals.__slots__:
+                setattr(t, name, getattr(t, name) + getattr(m, name))
+        return t
+
+    def as_dict(self) -> dict[str, Any]:
+        done = self.rows_ok + self.rows_failed
+        p50 = percentile(self.latencies, 50)
+        p95 = percentile(self.latencies, 95)
+        return {
+            "job": self.job,
+            "output": self.output,
+            "stopped": self.stopped,
+            "rows_ok": self.rows_ok,
+            "rows_failed": self.rows_failed,
+            "rows_skipped": self.rows_skipped,
+            "totals": self.total().as_dict(),
+            "models": {name: t.as_dict() for name, t in sorted(self.models.items())},
+            "errors": dict(sorted(self.errors.items())),
+            "wall_s": round(self.wall_s, 3),
+            "rows_per_s": round(done / self.wall_s, 2) if self.wall_s > 0 else None,
+            "latency_p50_s": None if p50 is None else round(p50, 4),
+            "latency_p95_s": None if p95 is None else round(p95, 4),
+        }
+
+    def write_json(self, path: Path) -> None:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(self.as_dict(), indent=2) + "\n")
+        os.replace(tmp, path)
+
+    def render(self) -> str:
+        """The summary as a few aligned lines of text."""
+        d = self.as_dict()
+        t = d["totals"]
+        lines = []
+        head = f"promptmill: job '{self.job}'"
+        if self.stopped:
+            head += f" stopped early: {self.stopped}"
+        lines.append(head)
+        lines.append(
+            f"  rows      {d['rows_ok']:,} ok, {d['rows_failed']:,} failed"
+            + (f", {d['rows_skipped']:,} already done (skipped)" if d["rows_skipped"] else "")
+        )
+        lines.append(
+            f"  tokens    {t['prompt_tokens']:,} in ({t['cached_tokens']:,} cached), "
+            f"{t['completion_tokens']:,} out ({t['reasoning_tokens']:,} reasoning)"
+        )
+        for name, m in d["models"].items():
+            cost = f"${m['cost_usd']:.6f}"
+            if m["rows_unpriced"]:
+                cost += f" (+{m['rows_unpriced']:,} rows with no price)"
+            lines.append(f"  cost      {cost}  {name}")
+        if len(d["models"]) > 1:
+            lines.append(f"  cost      ${t['cost_usd']:.6f}  total")
+        rate = d["rows_per_s"]
+        lines.append(f"  time      {d['wall_s']:.1f} s wall, {rate if rate is not None else 0:,.1f} rows/s")
+        if d["latency_p50_s"] is not None:
+            lines.append(f"  latency   p50 {d['latency_p50_s']:.3f} s, p95 {d['latency_p95_s']:.3f} s")
+        if d["errors"]:
+            errs = ", ".join(f"{k}: {v:,}" for k, v in d["errors"].items())
+            lines.append(f"  failures  {errs}")
+        lines.append(f"  output    {self.output}")
+        return "\n".join(lines)

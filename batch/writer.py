@@ -1,0 +1,439 @@
+"""Results to Parquet, durable as the job goes.
+
+Layout next to the output file ``OUT`` (for example ``out/results.parquet``)::
+
+    OUT                          the assembled output, replaced atomically at the end
+    OUT.parts/                   progress of runs that have not been assembled yet
+        lock                     held (flock) by the run writing this output
+        job.json                 the identity of the job writing this output
+        run-0003-part-000017.parquet
+
+Workers hand finished rows to :meth:`PartWriter.add`, which appends them to
+columnar buffers (no per-row object outlives the call). The writer task calls
+:meth:`PartWriter.flush` when enough rows or time have gone by: the buffer is
+written to a temporary name, fsynced and renamed, so a part on disk is always
+whole and a kill loses at most the rows in flight and in the buffer.
+
+At the end :func:`assemble` merges the previous output and every part into one
+file (streaming, part by part), keeping for each id only its newest row, and
+renames it over ``OUT``. :func:`load_index` reads only the id, fingerprint and
+status columns of the same sources to decide which rows a rerun can skip.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import re
+import shutil
+from array import array
+from bisect import bisect_left
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from batch.errors import OutputError
+from batch.records import Result
+
+__all__ = [
+    "RESULT_FIELDS",
+    "OutputLock",
+    "PartWriter",
+    "ResumeIndex",
+    "assemble",
+    "check_output_writable",
+    "discard_progress",
+    "load_index",
+    "next_run_number",
+    "output_schema",
+    "parts_dir",
+    "read_job_identity",
+    "remove_parts_dir",
+    "write_job_identity",
+]
+
+log = logging.getLogger(__name__)
+
+#: The result columns, in output order, after the id and the pass-through columns.
+RESULT_FIELDS: tuple[pa.Field, ...] = (
+    pa.field("model", pa.string()),
+    pa.field("endpoint", pa.string()),
+    pa.field("status", pa.string()),
+    pa.field("text", pa.string()),
+    pa.field("finish_reason", pa.string()),
+    pa.field("prompt_tokens", pa.int64()),
+    pa.field("completion_tokens", pa.int64()),
+    pa.field("total_tokens", pa.int64()),
+    pa.field("cached_tokens", pa.int64()),
+    pa.field("reasoning_tokens", pa.int64()),
+    pa.field("cost_usd", pa.float64()),
+    pa.field("latency_s", pa.float64()),
+    pa.field("ttft_s", pa.float64()),
+    pa.field("attempts", pa.int32()),
+    pa.field("http_status", pa.int32()),
+    pa.field("error_code", pa.string()),
+    pa.field("error", pa.string()),
+    pa.field("response_id", pa.string()),
+    pa.field("created", pa.timestamp("us", tz="UTC")),
+    pa.field("system_fingerprint", pa.string()),
+    # the key a rerun uses to recognise a finished row: a hash of the request body
+    pa.field("request_fingerprint", pa.string()),
+)
+_RESULT_NAMES = tuple(f.name for f in RESULT_FIELDS)
+# Result attributes that map 1:1 onto columns of the same name
+_DIRECT = tuple(n for n in _RESULT_NAMES if n != "request_fingerprint")
+
+METADATA_KEY = b"promptmill.job"
+_PART_RE = re.compile(r"^run-(\d{4,})-part-(\d{6,})\.parquet$")
+
+
+def output_schema(passthrough: pa.Schema, metadata: Mapping[bytes, bytes] | None = None) -> pa.Schema:
+    """The output's fixed schema: ``id``, the pass-through columns, then the result columns."""
+    fields = [pa.field("id", pa.string()), *passthrough, *RESULT_FIELDS]
+    return pa.schema(fields, metadata=dict(metadata) if metadata else None)
+
+
+def parts_dir(output: Path) -> Path:
+    return output.with_name(output.name + ".parts")
+
+
+def check_output_writable(output: Path) -> None:
+    """Create the output's folder and prove it is writable, before any request is sent."""
+    folder = output.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create the output folder: {exc.strerror}", path=folder) from None
+    if output.is_dir():
+        raise OutputError("the output path is a folder; give a file name ending in .parquet", path=output)
+    probe = folder / f".promptmill-probe-{os.getpid()}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise OutputError(f"the output folder is not writable: {exc.strerror}", path=folder) from None
+
+
+class OutputLock:
+    """An exclusive lock on one output, held for a run's lifetime.
+
+    ``flock`` is released by the kernel when the process dies, so a killed run
+    never leaves the output locked.
+    """
+
+    def __init__(self, output: Path) -> None:
+        self.output = output
+        self.path = parts_dir(output) / "lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            holder = ""
+            with contextlib.suppress(OSError, ValueError):
+                holder = f" (process {int(self.path.read_text().strip())})"
+            raise OutputError(
+                f"another promptmill run is writing this output{holder}; wait for it or choose another output",
+                path=self.output,
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> OutputLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomically(table: pa.Table, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as fh:
+        pq.write_table(table, fh, compression="zstd")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _part_files(output: Path) -> list[Path]:
+    folder = parts_dir(output)
+    if not folder.is_dir():
+        return []
+    found = []
+    for p in folder.iterdir():
+        m = _PART_RE.match(p.name)
+        if m:
+            found.append((int(m.group(1)), int(m.group(2)), p))
+    return [p for _, _, p in sorted(found)]
+
+
+def next_run_number(output: Path) -> int:
+    runs = [int(m.group(1)) for p in _part_files(output) if (m := _PART_RE.match(p.name))]
+    return max(runs, default=0) + 1
+
+
+def write_job_identity(output: Path, identity: Mapping[str, Any]) -> None:
+    folder = parts_dir(output)
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / "job.json"
+    tmp = folder / ".job.json.tmp"
+    tmp.write_text(json.dumps(dict(identity), sort_keys=True, indent=2))
+    os.replace(tmp, target)
+
+
+def read_job_identity(output: Path) -> dict[str, Any] | None:
+    """The identity recorded by the run that last wrote this output (parts first, then the file)."""
+    job_file = parts_dir(output) / "job.json"
+    if job_file.is_file():
+        with contextlib.suppress(OSError, ValueError):
+            data = json.loads(job_file.read_text())
+            if isinstance(data, dict):
+                return data
+    if output.is_file():
+        try:
+            meta = pq.read_schema(output).metadata or {}
+        except (OSError, pa.ArrowInvalid):
+            return None
+        raw = meta.get(METADATA_KEY)
+        if raw:
+            with contextlib.suppress(ValueError):
+                data = json.loads(raw)
+                if isinstance(data, dict) and isinstance(data.get("identity"), dict):
+                    return dict(data["identity"])
+    return None
+
+
+def discard_progress(output: Path) -> None:
+    """``--fresh``: forget every earlier run of this output."""
+    folder = parts_dir(output)
+    for p in _part_files(output):
+        p.unlink(missing_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        (folder / "job.json").unlink()
+    output.unlink(missing_ok=True)
+
+
+class PartWriter:
+    """Columnar buffers for finished rows, flushed as whole Parquet parts."""
+
+    def __init__(self, output: Path, schema: pa.Schema, run: int) -> None:
+        self.output = output
+        self.schema = schema
+        self.run = run
+        self._folder = parts_dir(output)
+        self._folder.mkdir(parents=True, exist_ok=True)
+        self._passthrough = [f.name for f in schema if f.name != "id" and f.name not in _RESULT_NAMES]
+        self._part = 0
+        self.rows_flushed = 0
+        self._reset()
+
+    def _reset(self) -> None:
+        self._ids: list[str] = []
+        self._pass: dict[str, list[Any]] = {n: [] for n in self._passthrough}
+        self._cols: dict[str, list[Any]] = {n: [] for n in _RESULT_NAMES}
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def add(self, result: Result) -> None:
+        self._ids.append(result.id)
+        values = result.passthrough
+        for name, col in self._pass.items():
+            col.append(values.get(name))
+        cols = self._cols
+        for name in _DIRECT:
+            cols[name].append(getattr(result, name))
+        cols["request_fingerprint"].append(result.fingerprint)
+
+    def take(self) -> pa.Table | None:
+        """Swap out the buffer as a table (on the event loop), to be written by :meth:`write`."""
+        if not self._ids:
+            return None
+        arrays = [pa.array(self._ids, pa.string())]
+        arrays += [pa.array(self._pass[f.name], f.type) for f in self.schema if f.name in self._pass]
+        arrays += [pa.array(self._cols[f.name], f.type) for f in RESULT_FIELDS]
+        table = pa.Table.from_arrays(arrays, schema=self.schema)
+        self._reset()
+        return table
+
+    def write(self, table: pa.Table) -> Path:
+        """Write one part durably (safe to call from a worker thread)."""
+        self._part += 1
+        path = self._folder / f"run-{self.run:04d}-part-{self._part:06d}.parquet"
+        _write_atomically(table, path)
+        self.rows_flushed += table.num_rows
+        return path
+
+    def flush(self) -> None:
+        table = self.take()
+        if table is not None:
+            self.write(table)
+
+
+def _sources(output: Path) -> list[Path]:
+    return ([output] if output.is_file() else []) + _part_files(output)
+
+
+def _read_columns(path: Path, columns: list[str]) -> pa.Table:
+    try:
+        return pq.read_table(path, columns=columns)
+    except (OSError, pa.ArrowException) as exc:
+        raise OutputError(f"cannot read earlier progress ({exc}); rerun with --fresh to start over", path=path) from None
+
+
+def _latest_rows(sources: list[Path]) -> tuple[pa.Table, list[int]]:
+    """id, fingerprint and status of every source row, plus which global rows are each id's newest."""
+    tables = []
+    offsets = [0]
+    for path in sources:
+        t = _read_columns(path, ["id", "request_fingerprint", "status"])
+        tables.append(t)
+        offsets.append(offsets[-1] + t.num_rows)
+    if not tables:
+        empty = pa.table({"id": pa.array([], pa.string()), "request_fingerprint": pa.array([], pa.string()),
+                          "status": pa.array([], pa.string())})
+        return empty, offsets
+    all_rows = pa.concat_tables(tables).combine_chunks()
+    return all_rows, offsets
+
+
+def _winners(all_rows: pa.Table) -> pa.Array:
+    """A boolean mask: True where a row is the newest for its id."""
+    n = all_rows.num_rows
+    if n == 0:
+        return pa.array([], pa.bool_())
+    seq = pa.array(range(n), pa.int64())
+    grouped = pa.table({"id": all_rows["id"], "seq": seq}).group_by("id").aggregate([("seq", "max")])
+    return pc.is_in(seq, value_set=grouped["seq_max"])
+
+
+@dataclass(frozen=True, slots=True)
+class ResumeIndex:
+    """The (id, request fingerprint) keys a rerun may skip, as a sorted array of hashes.
+
+    8 bytes a finished row: a million-row output costs 8 MB. Keys are Python
+    ``hash`` values of the same process, so they never leave it.
+    """
+
+    keys: array  # array('q'), sorted
+    rows_ok: int
+    rows_failed: int
+
+    def __contains__(self, key: tuple[str, str]) -> bool:
+        h = hash(key)
+        keys = self.keys
+        i = bisect_left(keys, h)
+        return i < len(keys) and keys[i] == h
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def load_index(output: Path, *, include_failed: bool = False) -> ResumeIndex:
+    """What earlier runs finished: the newest row of each id, if ok (or failed too, when asked)."""
+    all_rows, _ = _latest_rows(_sources(output))
+    if all_rows.num_rows == 0:
+        return ResumeIndex(array("q"), 0, 0)
+    latest = all_rows.filter(_winners(all_rows))
+    ok = pc.equal(latest["status"], "ok")
+    rows_ok = pc.sum(ok).as_py() or 0
+    keep = latest if include_failed else latest.filter(ok)
+    keys = array("q", sorted(hash(k) for k in zip(keep["id"].to_pylist(), keep["request_fingerprint"].to_pylist(), strict=True)))
+    return ResumeIndex(keys, rows_ok, latest.num_rows - rows_ok)
+
+
+def _iter_source_batches(path: Path, schema: pa.Schema) -> Iterator[pa.RecordBatch]:
+    pf = pq.ParquetFile(path)
+    for batch in pf.iter_batches(batch_size=65536):
+        table = pa.Table.from_batches([batch])
+        if table.schema.remove_metadata() != schema.remove_metadata():
+            table = _conform(table, schema, path)
+        yield from table.to_batches()
+
+
+def _conform(table: pa.Table, schema: pa.Schema, path: Path) -> pa.Table:
+    """Bring a table of an earlier run to the current schema (columns added or dropped since)."""
+    arrays = []
+    for f in schema:
+        if f.name in table.column_names:
+            col = table[f.name]
+            try:
+                arrays.append(col.cast(f.type) if col.type != f.type else col)
+            except pa.ArrowInvalid:
+                raise OutputError(
+                    f"column '{f.name}' of earlier progress has type {col.type}, now {f.type}; rerun with --fresh",
+                    path=path,
+                ) from None
+        else:
+            arrays.append(pa.nulls(table.num_rows, f.type))
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def assemble(output: Path, schema: pa.Schema) -> int:
+    """Merge the previous output and every part into ``output``, atomically. Returns the row count.
+
+    Memory stays bounded by one batch of one source plus the id column of all
+    of them; the parts are removed once the new output is in place.
+    """
+    sources = _sources(output)
+    all_rows, offsets = _latest_rows(sources)
+    mask = _winners(all_rows)
+    tmp = output.with_name(f".{output.name}.tmp")
+    total = 0
+    with open(tmp, "wb") as fh:
+        writer = pq.ParquetWriter(fh, schema, compression="zstd")
+        try:
+            for i, path in enumerate(sources):
+                start = offsets[i]
+                for batch in _iter_source_batches(path, schema):
+                    keep = mask.slice(start, batch.num_rows)
+                    start += batch.num_rows
+                    kept = batch.filter(keep)
+                    if kept.num_rows:
+                        writer.write_batch(kept)
+                        total += kept.num_rows
+            if total == 0:
+                writer.write_table(schema.empty_table())
+        finally:
+            writer.close()
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, output)
+    _fsync_dir(output.parent)
+    for p in _part_files(output):
+        p.unlink(missing_ok=True)
+    return total
+
+
+def remove_parts_dir(output: Path) -> None:
+    """After a clean assembly: drop the parts folder (lock and identity included)."""
+    shutil.rmtree(parts_dir(output), ignore_errors=True)

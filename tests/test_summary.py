@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+import json
+from array import array
+from pathlib import Path
+
+from batch.records import Result
+from batch.summary import Summary, percentile
+
+
+def r(model: str, status: str = "ok", cost: float | None = 0.5, latency: float = 1.0, **kw: object) -> Result:
+    base: dict[str, object] = dict(index=0, id="x", passthrough={}, fingerprint="f", model=model, endpoint="chat",
+                                   status=status, latency_s=latency)
+    if status == "ok":
+        base.update(prompt_tokens=10, completion_tokens=20, total_tokens=30, cached_tokens=4,
+                    reasoning_tokens=2, cost_usd=cost)
+    base.update(kw)
+    return Result(**base)  # type: ignore[arg-type]
+
+
+def test_totals_per_model_and_overall(tmp_path: Path) -> None:
+    s = Summary(job="j", output="o.parquet")
+    s.add(r("a", latency=1.0))
+    s.add(r("a", latency=3.0))
+    s.add(r("b", cost=None, latency=2.0))
+    s.add(r("b", status="failed", http_status=500, error_code="server_error"))
+    s.wall_s = 2.0
+    d = s.as_dict()
+    assert d["rows_ok"] == 3 and d["rows_failed"] == 1
+    assert d["models"]["a"]["cost_usd"] == 1.0
+    assert d["models"]["b"]["rows_unpriced"] == 1
+    assert d["totals"]["prompt_tokens"] == 30
+    assert d["totals"]["cached_tokens"] == 12
+    assert d["totals"]["reasoning_tokens"] == 6
+    assert d["errors"] == {"server_error": 1}
+    assert d["rows_per_s"] == 2.0
+    assert d["latency_p50_s"] == 2.0
+    assert d["latency_p95_s"] == 3.0
+    s.write_json(tmp_path / "s.json")
+    assert json.loads((tmp_path / "s.json").read_text()) == d
+    text = s.render()
+    assert "3 ok, 1 failed" in text
+    assert "$1.000000  a" in text
+    assert "1 rows with no price" in text
+
+
+def test_percentile_nearest_rank() -> None:
+    values = array("d", [float(v) for v in range(1, 101)])
+    assert percentile(values, 50) == 50.0
+    assert percentile(values, 95) == 95.0
+    assert percentile(array("d"), 50) is None

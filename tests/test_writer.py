@@ -1,0 +1,168 @@
+"""The writer: durable parts, atomic assembly, newest-row-wins, the resume index, the lock."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from batch import writer as out
+from batch.errors import OutputError
+from batch.records import Result
+
+ROOT = Path(__file__).resolve().parents[1]
+PASS = pa.schema([pa.field("topic", pa.string())])
+
+
+def result(i: int, status: str = "ok", fp: str = "fp1", **kw: object) -> Result:
+    fields: dict[str, object] = dict(
+        index=i, id=f"r{i}", passthrough={"topic": f"t{i}"}, fingerprint=fp, model="m", endpoint="chat",
+        status=status, text=f"answer {i}" if status == "ok" else None, prompt_tokens=3, completion_tokens=5,
+        total_tokens=8, cost_usd=0.001, attempts=1, http_status=200,
+        created=datetime(2024, 1, 1, tzinfo=UTC),
+    )
+    fields.update(kw)
+    return Result(**fields)  # type: ignore[arg-type]
+
+
+def test_schema_has_every_column_in_order() -> None:
+    schema = out.output_schema(PASS)
+    assert schema.names == [
+        "id", "topic", "model", "endpoint", "status", "text", "finish_reason", "prompt_tokens",
+        "completion_tokens", "total_tokens", "cached_tokens", "reasoning_tokens", "cost_usd",
+        "latency_s", "ttft_s", "attempts", "http_status", "error_code", "error", "response_id",
+        "created", "system_fingerprint", "request_fingerprint",
+    ]
+    assert schema.field("created").type == pa.timestamp("us", tz="UTC")
+    assert schema.field("prompt_tokens").type == pa.int64()
+
+
+def test_parts_are_whole_files_and_assembly_keeps_types_when_columns_are_null(tmp_path: Path) -> None:
+    output = tmp_path / "res.parquet"
+    schema = out.output_schema(PASS)
+    w = out.PartWriter(output, schema, run=1)
+    for i in range(3):
+        w.add(result(i))
+    w.flush()
+    w.add(result(3, status="failed", error="boom", http_status=500))
+    w.flush()
+    parts = sorted(out.parts_dir(output).glob("*.parquet"))
+    assert len(parts) == 2
+    assert not list(out.parts_dir(output).glob(".*tmp"))  # no temporary left behind
+
+    assert out.assemble(output, schema) == 4
+    table = pq.read_table(output)
+    assert table.schema.remove_metadata() == schema.remove_metadata()
+    assert table["id"].to_pylist() == ["r0", "r1", "r2", "r3"]
+    assert table["reasoning_tokens"].null_count == 4  # all null, still typed int64
+    assert table["status"].to_pylist() == ["ok", "ok", "ok", "failed"]
+    assert not list(out.parts_dir(output).glob("*.parquet"))
+
+
+def test_newest_row_of_an_id_wins_across_runs(tmp_path: Path) -> None:
+    output = tmp_path / "res.parquet"
+    schema = out.output_schema(PASS)
+    w1 = out.PartWriter(output, schema, run=1)
+    w1.add(result(0))
+    w1.add(result(1, status="failed", error="503"))
+    w1.flush()
+    out.assemble(output, schema)
+    w2 = out.PartWriter(output, schema, run=out.next_run_number(output))
+    w2.add(result(1))  # the rerun fixed row 1
+    w2.flush()
+    out.assemble(output, schema)
+    table = pq.read_table(output)
+    assert sorted(table["id"].to_pylist()) == ["r0", "r1"]
+    assert table["status"].to_pylist() == ["ok", "ok"]
+
+
+def test_resume_index_skips_ok_rows_with_the_same_request_only(tmp_path: Path) -> None:
+    output = tmp_path / "res.parquet"
+    schema = out.output_schema(PASS)
+    w = out.PartWriter(output, schema, run=1)
+    w.add(result(0, fp="a"))
+    w.add(result(1, status="failed", fp="a"))
+    w.flush()
+    index = out.load_index(output)
+    assert ("r0", "a") in index
+    assert ("r0", "b") not in index  # the request changed: redo
+    assert ("r1", "a") not in index  # failed rows are retried by default
+    assert index.rows_ok == 1 and index.rows_failed == 1
+    assert ("r1", "a") in out.load_index(output, include_failed=True)
+
+
+def test_empty_index_when_nothing_was_done(tmp_path: Path) -> None:
+    index = out.load_index(tmp_path / "none.parquet")
+    assert len(index) == 0
+    assert ("x", "y") not in index
+
+
+def test_lock_refuses_a_second_run_and_is_released(tmp_path: Path) -> None:
+    output = tmp_path / "res.parquet"
+    first = out.OutputLock(output)
+    first.acquire()
+    # flock locks belong to the open file description, so a second open in this process conflicts too
+    with pytest.raises(OutputError, match="another promptmill run is writing this output"):
+        out.OutputLock(output).acquire()
+    first.release()
+    with out.OutputLock(output):
+        pass
+
+
+def test_lock_of_a_killed_process_does_not_stick(tmp_path: Path) -> None:
+    output = tmp_path / "res.parquet"
+    code = (
+        "import os, sys; from pathlib import Path; from batch.writer import OutputLock;"
+        f"OutputLock(Path({str(output)!r})).acquire(); os.kill(os.getpid(), 9)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(ROOT)}, check=False)
+    assert proc.returncode == -9  # died holding the lock
+    with out.OutputLock(output):
+        pass
+
+
+def test_unwritable_output_folder_is_reported_before_anything_runs(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(OutputError, match="cannot create the output folder") as err:
+        out.check_output_writable(blocker / "sub" / "res.parquet")
+    assert str(blocker / "sub") in str(err.value)
+
+
+def test_output_that_is_a_folder_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(OutputError, match="is a folder"):
+        out.check_output_writable(tmp_path)
+
+
+def test_job_identity_round_trips_through_parts_and_output_metadata(tmp_path: Path) -> None:
+    output = tmp_path / "res.parquet"
+    ident = {"job": "j", "input": "/data/in.jsonl", "id_column": "id"}
+    out.write_job_identity(output, ident)
+    assert out.read_job_identity(output) == ident
+    import json
+
+    schema = out.output_schema(PASS, {out.METADATA_KEY: json.dumps({"identity": ident}).encode()})
+    w = out.PartWriter(output, schema, run=1)
+    w.add(result(0))
+    w.flush()
+    out.assemble(output, schema)
+    out.remove_parts_dir(output)
+    assert out.read_job_identity(output) == ident
+
+
+def test_fresh_discards_parts_and_output(tmp_path: Path) -> None:
+    output = tmp_path / "res.parquet"
+    schema = out.output_schema(PASS)
+    w = out.PartWriter(output, schema, run=1)
+    w.add(result(0))
+    w.flush()
+    out.assemble(output, schema)
+    out.discard_progress(output)
+    assert not output.exists()
+    assert len(out.load_index(output)) == 0
