@@ -521,6 +521,9 @@ class Client:
             raise self._redact(APIConnectionError(message)) from exc
         except httpx.TransportError as exc:
             raise self._redact(APIConnectionError(_transport_message(exc))) from exc
+        except OSError as exc:
+            # A third-party transport that lets a socket error through unwrapped.
+            raise self._redact(APIConnectionError(_clip(f"{type(exc).__name__}: {exc}"))) from exc
         except httpx.DecodingError as exc:
             raise self._redact(ResponseError(f"response body could not be decoded: {exc}")) from exc
         except RequestError as exc:

@@ -418,6 +418,19 @@ async def test_401_echoing_the_key_never_shows_it() -> None:
     assert "[redacted]" in str(error)
 
 
+async def test_key_echoed_in_an_unusable_200_never_shows() -> None:
+    error = await failure(raw_reply(f"bad key {KEY}".encode(), 200, "text/plain"))
+    assert isinstance(error, ResponseError)
+    assert "[redacted]" in str(error)
+
+
+async def test_undecodable_gzip_body_is_a_response_error() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=b"not gzip", headers={"content-encoding": "gzip"})
+
+    assert isinstance(await failure(handler), ResponseError)
+
+
 @pytest.mark.parametrize(
     ("body", "content_type", "fragment"),
     [
@@ -503,6 +516,7 @@ async def test_endless_body_stops_at_the_limit(stream: bool) -> None:
         (httpx.ReadTimeout(""), "read timeout"),
         (httpx.RemoteProtocolError("Server disconnected without sending a response."), "Server disconnected"),
         (httpx.ReadError("reset by peer"), "reset by peer"),
+        (ConnectionResetError(104, "Connection reset by peer"), "ConnectionResetError"),
     ],
 )
 async def test_transport_errors_are_connection_errors(exc: Exception, fragment: str) -> None:
