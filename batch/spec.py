@@ -646,6 +646,13 @@ def load_job(path: str | Path | None, overrides: Mapping[str, Any] | None = None
 
     for key, value in given.items():
         _set_dotted(data, key, value)
+    request = data.get("request")
+    if isinstance(request, dict):
+        for name in sorted(_RESERVED_BODY_FIELDS.intersection(request)):
+            raise located.error(f"'{name}' is set by promptmill, not by the job", ("request", name))
+    for section in ("input", "output", "api", "request"):
+        # An absent section reports its first missing key, not "missing section".
+        data.setdefault(section, {})
     job = data.get("job")
     if job is None or isinstance(job, dict):
         job = data.setdefault("job", {})
