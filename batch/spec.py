@@ -1,0 +1,675 @@
+"""The job spec: a TOML file plus command-line overrides, validated with pydantic.
+
+A job file looks like this (every section but ``[request]``'s ``model``, the
+input and output paths and the API base URL has defaults)::
+
+    [job]
+    name = "reviews"                       # default: the job file's stem, else "job"
+
+    [input]
+    path = "reviews.parquet"               # relative paths are relative to the current directory
+    format = "auto"                        # "auto" (by suffix, else by content), "parquet", "jsonl"
+    id_column = "id"                       # missing from the input (and not set here): row numbers are ids
+    prompt_column = "prompt"
+    # messages_column = "messages"         # a list of {role, content} per row (chat only)
+    # prompt_template = "Summarise: {title}\\n{body}"   # str.format fields over columns
+    # system_prompt = "You are terse."
+    passthrough = ["id", "lang"]           # columns copied to the output
+    on_bad_line = "abort"                  # or "fail_row": a bad row becomes a failed result
+
+    [output]
+    path = "out/{job}-{date}.parquet"      # {date} is the UTC date (YYYY-MM-DD), {job} the job name
+
+    [api]
+    base_url = "https://api.atoma.network/v1"   # "simulator" starts the built-in simulator
+    api_key_env = "ATOMA_API_KEY"          # the key itself never goes in the job file
+    endpoint = "chat"                      # or "completions"
+    stream = false
+
+    [request]
+    model = "meta-llama/Llama-3.3-70B-Instruct"
+    max_tokens = 256                       # always sent
+    temperature = 0.2
+    response_format = { type = "json_object" }   # any other body field is passed verbatim
+
+    [limits]
+    concurrency = 32
+    rpm = 600
+
+    [pricing."meta-llama/Llama-3.3-70B-Instruct"]
+    input = 0.6                            # USD per million tokens
+    output = 0.6
+
+Overrides are dotted keys (``{"limits.concurrency": 8}``); they win over the
+file and a ``None`` value means "not given". Every mistake becomes one
+:class:`~batch.errors.JobFileError` naming the file, the line and the key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import logging
+import re
+import string
+import tomllib
+from collections.abc import Mapping
+from dataclasses import fields as dataclass_fields
+from dataclasses import is_dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+import orjson
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from batch.errors import JobFileError
+
+__all__ = [
+    "ApiSpec",
+    "InputSpec",
+    "JobSpec",
+    "LimitsSpec",
+    "OutputSpec",
+    "PriceSpec",
+    "RequestSpec",
+    "RetrySpec",
+    "job_fingerprint",
+    "load_job",
+    "template_fields",
+]
+
+logger = logging.getLogger(__name__)
+
+_FROZEN = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+NonNegativeFloat = Annotated[float, Field(ge=0)]
+# Paths and lists come from TOML as str and list: lax for these fields only.
+LaxPath = Annotated[Path, Field(strict=False)]
+Names = Annotated[tuple[str, ...], Field(strict=False)]
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# Body fields the request builder or the client sets; a job must not set them.
+_RESERVED_BODY_FIELDS = frozenset({"messages", "prompt", "stream", "stream_options"})
+
+
+def template_fields(template: str) -> tuple[str, ...]:
+    """The column names a ``str.format`` template refers to, in order, without repeats.
+
+    Raises ``ValueError`` for a malformed template or a field that is not a plain
+    column name (positional ``{}``, attribute ``{a.b}`` or index ``{a[0]}`` access).
+    """
+    names: dict[str, None] = {}
+    for _, name, _, _ in string.Formatter().parse(template):
+        if name is None:
+            continue
+        if not name or name.isdigit():
+            raise ValueError("positional fields like {} are not allowed; name a column: {column}")
+        if "." in name or "[" in name:
+            raise ValueError(f"field {{{name}}} must be a plain column name")
+        names[name] = None
+    return tuple(names)
+
+
+class JobSection(BaseModel):
+    model_config = _FROZEN
+
+    name: str = "job"
+
+
+class InputSpec(BaseModel):
+    """Where the rows come from and which columns make the prompt.
+
+    ``id_column`` that is left at its default and missing from the input means
+    the 0-based row index (as a string) is the id; set explicitly, it must exist.
+    """
+
+    model_config = _FROZEN
+
+    path: LaxPath
+    format: Literal["auto", "parquet", "jsonl"] = "auto"
+    id_column: str = "id"
+    prompt_column: str = "prompt"
+    messages_column: str | None = None
+    prompt_template: str | None = None
+    system_prompt: str | None = None
+    passthrough: Names = ()
+    on_bad_line: Literal["abort", "fail_row"] = "abort"
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _template_parses(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None:
+            if info.data.get("messages_column") is not None:
+                raise ValueError("messages_column and prompt_template exclude each other")
+            template_fields(value)
+        return value
+
+    @property
+    def id_column_explicit(self) -> bool:
+        """Whether the job set ``id_column`` (then the input must have it)."""
+        return "id_column" in self.model_fields_set
+
+    @property
+    def template_columns(self) -> tuple[str, ...]:
+        return template_fields(self.prompt_template) if self.prompt_template is not None else ()
+
+
+class OutputSpec(BaseModel):
+    """Where the results go; ``path`` may hold ``{date}`` and ``{job}``."""
+
+    model_config = _FROZEN
+
+    path: str
+
+    @field_validator("path")
+    @classmethod
+    def _placeholders(cls, value: str) -> str:
+        if not value:
+            raise ValueError("must not be empty")
+        for _, name, _, _ in string.Formatter().parse(value):
+            if name is not None and name not in ("date", "job"):
+                raise ValueError(f"unknown placeholder {{{name}}}; use {{date}} or {{job}}")
+        return value
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class ApiSpec(BaseModel):
+    """The server: base URL (with the version prefix, e.g. ``.../v1``), endpoint, timeouts."""
+
+    model_config = _FROZEN
+
+    # Declared before base_url so that base_url's validator can see it.
+    allow_insecure_http: bool = False
+    base_url: str
+    api_key_env: str = "ATOMA_API_KEY"
+    endpoint: Literal["chat", "completions"] = "chat"
+    stream: bool = False
+    connect_timeout_s: PositiveFloat = 10.0
+    read_timeout_s: PositiveFloat = 120.0
+    write_timeout_s: PositiveFloat = 30.0
+    request_timeout_s: PositiveFloat = 600.0
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _env_name(cls, value: str) -> str:
+        # Never echo the value: it may be the key pasted in by mistake.
+        if not _ENV_NAME.fullmatch(value):
+            raise ValueError(
+                "must be the name of an environment variable (like ATOMA_API_KEY), not the key itself"
+            )
+        return value
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, value: str, info: ValidationInfo) -> str:
+        if value == "simulator":
+            return value
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError('must be an http(s) URL like https://api.atoma.network/v1, or "simulator"')
+        if parts.username or parts.password:
+            raise ValueError(
+                "must not hold credentials; put the key in the environment variable named by api.api_key_env"
+            )
+        if (
+            parts.scheme == "http"
+            and not _is_loopback(parts.hostname)
+            and not info.data.get("allow_insecure_http", False)
+        ):
+            raise ValueError(
+                "plain http to a remote host would send the API key in clear text; "
+                "use https or set api.allow_insecure_http = true"
+            )
+        return value.rstrip("/")
+
+    @property
+    def is_simulator(self) -> bool:
+        return self.base_url == "simulator"
+
+
+class RequestSpec(BaseModel):
+    """The request body parameters; any field not named here lands in ``extra``."""
+
+    model_config = _FROZEN
+
+    model: str
+    max_tokens: PositiveInt = 256
+    temperature: NonNegativeFloat | None = None
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: PositiveInt | None = None
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _collect_extra(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        known = set(cls.model_fields)
+        extra = data.get("extra", {})
+        unknown = {k: v for k, v in data.items() if k not in known}
+        if not unknown:
+            return data
+        merged = {k: v for k, v in data.items() if k in known}
+        merged["extra"] = {**extra, **unknown} if isinstance(extra, dict) else extra
+        return merged
+
+    @field_validator("extra")
+    @classmethod
+    def _not_reserved(cls, value: dict[str, Any]) -> dict[str, Any]:
+        clash = sorted(_RESERVED_BODY_FIELDS.intersection(value))
+        if clash:
+            raise ValueError(f"'{clash[0]}' is set by promptmill, not by the job")
+        return value
+
+    def params(self) -> dict[str, Any]:
+        """The body fields after ``model`` and the prompt, in the order they are sent."""
+        body: dict[str, Any] = {"max_tokens": self.max_tokens}
+        for name in ("temperature", "top_p", "stop", "seed", "n"):
+            value = getattr(self, name)
+            if value is not None:
+                body[name] = value
+        body.update(self.extra)
+        return body
+
+
+class LimitsSpec(BaseModel):
+    model_config = _FROZEN
+
+    concurrency: PositiveInt = 32
+    rpm: PositiveFloat | None = None
+    tpm: PositiveFloat | None = None
+
+
+class RetrySpec(BaseModel):
+    model_config = _FROZEN
+
+    max_attempts: PositiveInt = 5
+    initial_wait_s: NonNegativeFloat = 1.0
+    max_wait_s: NonNegativeFloat = 60.0
+    row_budget_s: PositiveFloat = 900.0
+
+
+class PriceSpec(BaseModel):
+    """USD per million tokens; ``cached_input`` defaults to ``input``."""
+
+    model_config = _FROZEN
+
+    input: NonNegativeFloat
+    output: NonNegativeFloat
+    cached_input: NonNegativeFloat
+
+    @model_validator(mode="before")
+    @classmethod
+    def _cached_defaults_to_input(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "cached_input" not in data and "input" in data:
+            return {**data, "cached_input": data["input"]}
+        return data
+
+
+class JobSpec(BaseModel):
+    """A validated job. ``source`` is the job file it came from (``None``: overrides only)."""
+
+    model_config = _FROZEN
+
+    job: JobSection = Field(default_factory=JobSection)
+    input: InputSpec
+    output: OutputSpec
+    api: ApiSpec
+    request: RequestSpec
+    limits: LimitsSpec = Field(default_factory=LimitsSpec)
+    retry: RetrySpec = Field(default_factory=RetrySpec)
+    pricing: dict[str, PriceSpec] = Field(default_factory=dict)
+    simulator: dict[str, Any] | None = None
+    source: Path | None = Field(default=None, exclude=True)
+
+    @property
+    def name(self) -> str:
+        return self.job.name
+
+    def output_path(self, now: datetime | None = None) -> Path:
+        """The output path with ``{date}`` (UTC, YYYY-MM-DD, of ``now``) and ``{job}`` filled in."""
+        when = now if now is not None else datetime.now(UTC)
+        if when.tzinfo is not None:
+            when = when.astimezone(UTC)
+        return Path(self.output.path.format(date=when.strftime("%Y-%m-%d"), job=self.name))
+
+    def price(self, model: str) -> PriceSpec | None:
+        """Prices for ``model`` (the request's model name), if the job gives them."""
+        return self.pricing.get(model)
+
+
+def job_fingerprint(spec: JobSpec) -> str:
+    """A short hash of what makes two runs' outputs comparable.
+
+    It covers the endpoint, the request body parameters (model, max_tokens,
+    sampling, extra fields), and how rows become prompts (id, prompt, messages
+    and template columns, system prompt). It leaves out what does not change an
+    answer: paths, concurrency, limits, retry, streaming, timeouts and the key.
+    """
+    inp = spec.input
+    canonical = {
+        "endpoint": spec.api.endpoint,
+        "model": spec.request.model,
+        "params": spec.request.params(),
+        "id_column": inp.id_column,
+        "prompt_column": inp.prompt_column if inp.messages_column is None and inp.prompt_template is None else None,
+        "messages_column": inp.messages_column,
+        "prompt_template": inp.prompt_template,
+        "system_prompt": inp.system_prompt,
+    }
+    data = orjson.dumps(canonical, option=orjson.OPT_SORT_KEYS, default=str)
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+# --- loading -----------------------------------------------------------------
+
+_SECRET_NAMES = frozenset(
+    {"api_key", "apikey", "key", "token", "api_token", "access_token", "secret", "password",
+     "authorization", "bearer", "auth"}
+)
+_SECRET_SUFFIXES = ("_key", "_token", "_secret", "_password")
+_TOML_WHERE = re.compile(r"\s*\(at line (\d+), column (\d+)\)\s*$")
+_TOML_AT_END = re.compile(r"\s*\(at end of document\)\s*$")
+
+
+def _looks_secret(name: str) -> bool:
+    norm = name.strip().lower().replace("-", "_")
+    if norm == "api_key_env":
+        return False
+    return norm in _SECRET_NAMES or norm.endswith(_SECRET_SUFFIXES)
+
+
+def _find_secret(data: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> tuple[str, ...] | None:
+    for key, value in data.items():
+        path = (*prefix, str(key))
+        if prefix == () and key == "simulator":
+            # The simulator's api_key is the key a fake local server expects, not a credential.
+            continue
+        if prefix == ("pricing",):
+            # Model names, not setting names.
+            if isinstance(value, Mapping):
+                found = _find_secret(value, path)
+                if found:
+                    return found
+            continue
+        if _looks_secret(str(key)):
+            return path
+        if isinstance(value, str) and value.lstrip().lower().startswith("bearer "):
+            return path
+        if isinstance(value, Mapping):
+            found = _find_secret(value, path)
+            if found:
+                return found
+    return None
+
+
+def _split_key(text: str) -> list[str]:
+    """Split a TOML key (``a."b.c".d``) into its parts."""
+    parts: list[str] = []
+    buf: list[str] = []
+    quote: str | None = None
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if quote:
+            if ch == "\\" and quote == '"' and i + 1 < len(text):
+                buf.append(text[i + 1])
+                i += 2
+                continue
+            if ch == quote:
+                quote = None
+            else:
+                buf.append(ch)
+        elif ch in "\"'":
+            quote = ch
+        elif ch == ".":
+            parts.append("".join(buf).strip())
+            buf = []
+        else:
+            buf.append(ch)
+        i += 1
+    parts.append("".join(buf).strip())
+    return parts
+
+
+def _key_part(line: str) -> str | None:
+    """The key before ``=`` on a key/value line (outside quotes), else None."""
+    quote: str | None = None
+    for i, ch in enumerate(line):
+        if quote:
+            if ch == quote:
+                quote = None
+        elif ch in "\"'":
+            quote = ch
+        elif ch == "=":
+            return line[:i]
+    return None
+
+
+def _key_lines(text: str) -> dict[tuple[str, ...], int]:
+    """Map every table and key of a TOML text to the line (1-based) that first names it.
+
+    A plain line scanner: good enough to point at a line in an error message.
+    """
+    lines: dict[tuple[str, ...], int] = {}
+    table: tuple[str, ...] = ()
+    in_multiline: str | None = None
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        if in_multiline:
+            if raw.count(in_multiline) % 2 == 1:
+                in_multiline = None
+            continue
+        s = raw.strip()
+        if not s or s.startswith("#"):
+            continue
+        if s.startswith("["):
+            inner = s[2 : s.find("]]")] if s.startswith("[[") else s[1 : s.find("]")]
+            table = tuple(_split_key(inner))
+            lines.setdefault(table, lineno)
+            continue
+        key = _key_part(s)
+        if key is None:
+            continue
+        parts = tuple(_split_key(key))
+        for i in range(1, len(parts) + 1):
+            lines.setdefault((*table, *parts[:i]), lineno)
+        value = s[len(key) + 1 :]
+        for delim in ('"""', "'''"):
+            if value.count(delim) % 2 == 1:
+                in_multiline = delim
+                break
+    return lines
+
+
+class _Located:
+    """Turns a dotted key into a JobFileError with the job file's line."""
+
+    def __init__(self, path: Path | None, text: str, overridden: set[str]) -> None:
+        self.path = path
+        self.lines = _key_lines(text) if text else {}
+        self.overridden = overridden
+
+    def error(self, message: str, key: tuple[str, ...]) -> JobFileError:
+        dotted = ".".join(key) or None
+        for i in range(len(key), 0, -1):
+            if ".".join(key[:i]) in self.overridden:
+                return JobFileError(f"{message} (set by an override)", key=dotted)
+        line = None
+        for i in range(len(key), 0, -1):
+            if key[:i] in self.lines:
+                line = self.lines[key[:i]]
+                break
+        return JobFileError(message, path=self.path, line=line, key=dotted)
+
+
+def _read_toml(path: Path) -> tuple[str, dict[str, Any]]:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise JobFileError("job file not found", path=path) from None
+    except IsADirectoryError:
+        raise JobFileError("is a directory, not a job file", path=path) from None
+    except OSError as exc:
+        raise JobFileError(f"cannot read the job file: {exc.strerror or exc}", path=path) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        bad_line = raw.count(b"\n", 0, exc.start) + 1
+        raise JobFileError("not UTF-8 text, so not a TOML job file", path=path, line=bad_line) from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        message = str(exc)
+        line: int | None = None
+        if m := _TOML_WHERE.search(message):
+            line = int(m.group(1))
+            message = f"{message[: m.start()]} (column {m.group(2)})"
+        elif m := _TOML_AT_END.search(message):
+            line = text.count("\n") + 1
+            message = f"{message[: m.start()]} (at the end of the file)"
+        raise JobFileError(f"not valid TOML: {message}", path=path, line=line) from None
+    return text, data
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise JobFileError(
+                f"cannot set '{key}': '{'.'.join(parts[: i + 1])}' is not a table", key=key
+            )
+        node = child
+    node[parts[-1]] = value
+
+
+def _walk_key(data: Any, loc: tuple[int | str, ...], error_type: str) -> tuple[str, ...]:
+    """The part of a pydantic error location that names keys the user wrote."""
+    walked: list[str] = []
+    node: Any = data
+    for part in loc:
+        inside_table = isinstance(node, Mapping) and part in node
+        inside_list = isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)
+        if inside_table or inside_list:
+            walked.append(str(part))
+            node = node[part]
+        else:
+            if error_type == "missing" and isinstance(part, str):
+                walked.append(part)
+            break
+    return tuple(walked)
+
+
+def _describe(err: Mapping[str, Any]) -> str:
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "missing":
+        return "required key is missing"
+    msg = str(err["msg"])
+    for prefix in ("Value error, ", "Assertion failed, "):
+        if msg.startswith(prefix):
+            msg = msg[len(prefix) :]
+    if msg.startswith("Input should"):
+        return "should" + msg[len("Input should") :]
+    return msg[:1].lower() + msg[1:]
+
+
+def _check_simulator_keys(table: Any, located: _Located) -> None:
+    if not isinstance(table, Mapping):
+        return
+    try:
+        from batch.simulator import SimConfig  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        return
+    if not is_dataclass(SimConfig):
+        return
+    known = {f.name for f in dataclass_fields(SimConfig)}
+    for key in table:
+        if key not in known:
+            raise located.error("unknown simulator setting", ("simulator", str(key)))
+
+
+def load_job(path: str | Path | None, overrides: Mapping[str, Any] | None = None) -> JobSpec:
+    """Read and validate a job.
+
+    ``path`` is the TOML job file, or ``None`` for a job made of overrides only
+    (then ``input.path``, ``output.path``, ``api.base_url`` and ``request.model``
+    must be among them). ``overrides`` maps dotted keys (``"limits.concurrency"``,
+    ``"api.stream"``, ``"request.model"``, ...) to typed values; they win over the
+    file, and ``None`` values are skipped. Relative paths are relative to the
+    current directory, not to the job file.
+
+    Raises :class:`JobFileError` naming the file, line and key of the first problem.
+    """
+    source = Path(path) if path is not None else None
+    text, data = _read_toml(source) if source is not None else ("", {})
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    located = _Located(source, text, set(given))
+
+    secret = _find_secret(data)
+    if secret is None:
+        secret = next((tuple(k.split(".")) for k in given if any(map(_looks_secret, k.split(".")))), None)
+    if secret is not None:
+        env = data.get("api", {}).get("api_key_env") if isinstance(data.get("api"), dict) else None
+        env_name = env if isinstance(env, str) and _ENV_NAME.fullmatch(env) else "ATOMA_API_KEY"
+        raise located.error(
+            "a job must not hold an API key or other secret; put the key in the environment "
+            f"variable named by api.api_key_env ({env_name})",
+            secret,
+        )
+    if "source" in data:
+        raise located.error("unknown key", ("source",))
+
+    for key, value in given.items():
+        _set_dotted(data, key, value)
+    request = data.get("request")
+    if isinstance(request, dict):
+        for name in sorted(_RESERVED_BODY_FIELDS.intersection(request)):
+            raise located.error(f"'{name}' is set by promptmill, not by the job", ("request", name))
+    for section in ("input", "output", "api", "request"):
+        # An absent section reports its first missing key, not "missing section".
+        data.setdefault(section, {})
+    job = data.get("job")
+    if job is None or isinstance(job, dict):
+        job = data.setdefault("job", {})
+        job.setdefault("name", source.stem if source is not None else "job")
+
+    try:
+        spec = JobSpec.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors(include_url=False, include_input=False, include_context=False)[0]
+        where = _walk_key(data, tuple(err["loc"]), err["type"])
+        raise located.error(_describe(err), where) from None
+
+    if spec.api.endpoint == "completions" and spec.input.messages_column is not None:
+        raise located.error(
+            "the completions endpoint takes a prompt, not messages; use endpoint = \"chat\"",
+            ("input", "messages_column"),
+        )
+    if spec.simulator is not None:
+        _check_simulator_keys(spec.simulator, located)
+    return spec.model_copy(update={"source": source})
