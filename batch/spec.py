@@ -83,6 +83,7 @@ __all__ = [
     "PriceSpec",
     "RequestSpec",
     "RetrySpec",
+    "is_loopback",
     "job_fingerprint",
     "load_job",
     "template_fields",
@@ -184,7 +185,8 @@ class OutputSpec(BaseModel):
         return value
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """Whether a host name or address is this machine (no key is needed, plain http is fine)."""
     if host == "localhost" or host.endswith(".localhost"):
         return True
     try:
@@ -231,15 +233,7 @@ class ApiSpec(BaseModel):
             raise ValueError(
                 "must not hold credentials; put the key in the environment variable named by api.api_key_env"
             )
-        if (
-            parts.scheme == "http"
-            and not _is_loopback(parts.hostname)
-            and not info.data.get("allow_insecure_http", False)
-        ):
-            raise ValueError(
-                "plain http to a remote host would send the API key in clear text; "
-                "use https or set api.allow_insecure_http = true"
-            )
+        # Plain http to a remote host is refused by the runner only when a key would be sent.
         return value.rstrip("/")
 
     @property

@@ -211,7 +211,6 @@ def test_not_utf8(tmp_path: Path) -> None:
         ),
         (MINIMAL.replace('"out.parquet"', '"out-{day}.parquet"'), 5, "output.path", "unknown placeholder {day}"),
         (MINIMAL.replace("http://127.0.0.1:8089/v1", "ftp://x/v1"), 8, "api.base_url", "http(s) URL"),
-        (MINIMAL.replace("http://127.0.0.1:8089/v1", "http://api.example.com/v1"), 8, "api.base_url", "clear text"),
         (MINIMAL + '\n[pricing."m"]\ninput = "cheap"\noutput = 1\n', 14, "pricing.m.input", "valid number"),
         (MINIMAL + '\n[pricing."m"]\ninput = 1\n', 13, "pricing.m.output", "missing"),
         (MINIMAL + '\n[pricing."m"]\ninput = -1\noutput = 1\n', 14, "pricing.m.input", "greater than or equal to 0"),

@@ -1,0 +1,192 @@
+"""The ``promptmill`` command: parse arguments, call one function, turn errors into one line.
+
+Exit codes: 0 every row ok; 1 finished with failed rows; 2 bad job file, option,
+input or output (nothing sent); 3 stopped by a fatal server answer (401, 402,
+403, spent quota) after keeping what was done; 130 / 143 stopped by SIGINT /
+SIGTERM after keeping what was done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["main"]
+
+log = logging.getLogger("batch")
+
+
+class _RedactingFormatter(logging.Formatter):
+    """Removes secrets from every formatted line, tracebacks included."""
+
+    def __init__(self, fmt: str, secrets: Sequence[str]) -> None:
+        super().__init__(fmt)
+        self._secrets = [s for s in secrets if s]
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
+
+
+def _setup_logging(debug: bool, quiet: bool, secrets: Sequence[str]) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s" if debug else "promptmill: %(message)s"
+    handler.setFormatter(_RedactingFormatter(fmt, secrets))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO)
+    if not debug:
+        for noisy in ("httpx", "httpcore", "uvicorn", "uvicorn.error", "uvicorn.access"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _add_run_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "run",
+        help="run a job",
+        description="Run a batch job. Every option overrides the job file; the job file is optional.",
+    )
+    p.add_argument("job", nargs="?", help="the job file (TOML), e.g. jobs/sample.toml")
+    p.add_argument("--input", metavar="PATH", help="prompts: a .parquet or .jsonl file")
+    p.add_argument("--output", metavar="PATH", help="results: a .parquet file ({date} and {job} are filled in)")
+    p.add_argument("--base-url", metavar="URL", help="the API's base URL, e.g. https://api.atoma.network/v1, or 'simulator'")
+    p.add_argument("--model", help="the model to ask")
+    p.add_argument("--endpoint", choices=["chat", "completions"], help="chat (/chat/completions) or completions (/completions)")
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None, help="stream the answers (SSE)")
+    p.add_argument("--max-tokens", type=int, metavar="N", help="max_tokens sent with every request")
+    p.add_argument("--concurrency", type=int, metavar="N", help="requests in flight at once")
+    p.add_argument("--rpm", type=float, metavar="N", help="requests per minute allowed")
+    p.add_argument("--tpm", type=float, metavar="N", help="tokens per minute allowed")
+    p.add_argument("--max-attempts", type=int, metavar="N", help="attempts per row before it is written as failed")
+    p.add_argument("--api-key-env", metavar="VAR", help="the environment variable holding the API key (default ATOMA_API_KEY)")
+    p.add_argument("--allow-insecure-http", action="store_true", default=None,
+                   help="allow sending the API key over plain http to a host that is not loopback")
+    p.add_argument("--fresh", action="store_true", help="discard earlier progress for this output and start over")
+    p.add_argument("--no-retry-failed", action="store_true", help="on a rerun, keep rows that failed before as they are")
+    p.add_argument("--grace-period", type=float, default=30.0, metavar="S",
+                   help="on SIGINT/SIGTERM, seconds to let requests in flight finish (default 30)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar, even on a terminal")
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
+    p.add_argument("--debug", action="store_true", help="debug logging, and a traceback on errors")
+
+
+_OVERRIDES = {
+    "input": "input.path",
+    "output": "output.path",
+    "base_url": "api.base_url",
+    "model": "request.model",
+    "endpoint": "api.endpoint",
+    "stream": "api.stream",
+    "max_tokens": "request.max_tokens",
+    "concurrency": "limits.concurrency",
+    "rpm": "limits.rpm",
+    "tpm": "limits.tpm",
+    "max_attempts": "retry.max_attempts",
+    "api_key_env": "api.api_key_env",
+    "allow_insecure_http": "api.allow_insecure_http",
+}
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {key: getattr(args, name) for name, key in _OVERRIDES.items() if getattr(args, name) is not None}
+
+
+def _run(args: argparse.Namespace) -> int:
+    import anyio
+
+    from batch.errors import JobStopped
+    from batch.runner import RunOptions, run_job
+    from batch.spec import load_job
+
+    spec = load_job(args.job, _overrides(args))
+    opts = RunOptions(
+        fresh=args.fresh,
+        retry_failed=not args.no_retry_failed,
+        grace_s=args.grace_period,
+        progress=False if args.no_progress else None,
+    )
+    code = 0
+    try:
+        summary = anyio.run(run_job, spec, opts, backend_options={"use_uvloop": _have_uvloop()})
+    except JobStopped as exc:
+        summary = opts.summary
+        log.error("%s", exc)
+        code = exc.exit_code
+    if summary is not None:
+        print(summary.render(), file=sys.stdout)
+    if code:
+        return code
+    if opts.exit_signal is not None:
+        return 128 + opts.exit_signal
+    return 1 if summary is not None and summary.rows_failed else 0
+
+
+def _have_uvloop() -> bool:
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from batch.simulator import config_from_args, serve
+
+    config = config_from_args(args)
+    serve(config, host=args.host, port=args.port)
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    from batch import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="promptmill",
+        description="Run large batches of LLM completions against an OpenAI-compatible API.",
+    )
+    parser.add_argument("--version", action="version", version=f"promptmill {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_run_parser(sub)
+    sim = sub.add_parser("simulate", help="serve the built-in OpenAI-compatible simulator",
+                         description="Serve the built-in OpenAI-compatible simulator on loopback.")
+    sim.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    sim.add_argument("--port", type=int, default=8089, help="port (default 8089)")
+    sim.add_argument("--debug", action="store_true", help="debug logging")
+    sim.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    from batch.simulator import add_simulator_arguments
+
+    add_simulator_arguments(sim)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    secrets = []
+    env_name = getattr(args, "api_key_env", None) or "ATOMA_API_KEY"
+    for name in {env_name, "ATOMA_API_KEY", "OPENAI_API_KEY"}:
+        value = os.environ.get(name)
+        if value and len(value) >= 4:
+            secrets.append(value)
+    _setup_logging(args.debug, args.quiet, secrets)
+
+    from batch.errors import PromptmillError
+
+    try:
+        if args.command == "simulate":
+            return _simulate(args)
+        return _run(args)
+    except PromptmillError as exc:
+        if args.debug:
+            log.exception("%s", exc)
+        else:
+            log.error("%s", exc)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        return 130

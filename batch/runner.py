@@ -1,0 +1,404 @@
+"""Wires the stages into one job: reader → builder → limiter → client (with retries) → writer.
+
+One anyio task group holds a feeder (reads the input in a worker thread and
+builds requests), ``concurrency`` workers and a flusher. Between the feeder and
+the workers is a bounded memory object stream, so the reader never runs more
+than a few batches ahead and memory stays flat however large the input is.
+Workers hand each finished row to the :class:`~batch.writer.PartWriter`
+buffers; the flusher alone writes parts to disk (in a thread).
+
+Stopping:
+
+* a fatal answer (401, 402, 403, spent quota) cancels everything at once; the
+  rows already finished are flushed and assembled, and :class:`JobStopped` is raised;
+* the first SIGINT or SIGTERM stops feeding, lets requests in flight finish
+  within ``grace_s``, then flushes and assembles; a second signal cancels at once,
+  still keeping every finished row.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import orjson
+
+from batch import writer as out
+from batch.client import Client, Timeouts
+from batch.errors import JobFileError, JobStopped, OutputError, RequestError, UsageError
+from batch.limiter import Limiter
+from batch.pricing import Price, PriceTable
+from batch.progress import Progress
+from batch.prompts import RequestBuilder
+from batch.reader import InputReader, row_error
+from batch.records import Request, Result, Row
+from batch.retry import RetryPolicy, RetrySettings, classify
+from batch.spec import JobSpec, is_loopback
+from batch.summary import Summary
+
+__all__ = ["RunOptions", "check_api", "job_identity", "run_job"]
+
+log = logging.getLogger(__name__)
+
+SIMULATOR = "simulator"
+
+
+@dataclass(slots=True)
+class RunOptions:
+    """How to run a job, beyond what the job spec says."""
+
+    fresh: bool = False
+    retry_failed: bool = True
+    grace_s: float = 30.0
+    progress: bool | None = None  # None: a bar when stderr is a terminal
+    flush_rows: int = 500
+    flush_s: float = 2.0
+    handle_signals: bool = True
+    transport: httpx.AsyncBaseTransport | None = None
+    clock: Callable[[], float] = time.perf_counter
+    sleep: Callable[[float], Any] = anyio.sleep
+    # filled in by run_job for the caller (the CLI prints it)
+    summary: Summary | None = field(default=None)
+    exit_signal: int | None = None
+
+
+def check_api(spec: JobSpec) -> str | None:
+    """Validate the base URL and find the API key; returns the key (or None where none is needed)."""
+    base_url = spec.api.base_url
+    env = spec.api.api_key_env
+    key = os.environ.get(env) or None
+    if base_url == SIMULATOR:
+        return key
+    try:
+        url = httpx.URL(base_url)
+    except (httpx.InvalidURL, TypeError) as exc:
+        raise JobFileError(f"the base URL {base_url!r} cannot be parsed: {exc}", path=spec.source, key="api.base_url") from None
+    if url.scheme not in ("http", "https") or not url.host:
+        raise JobFileError(
+            f"the base URL {base_url!r} must look like https://host/v1 (or 'simulator')",
+            path=spec.source, key="api.base_url",
+        )
+    loopback = is_loopback(url.host)
+    if key is None and not loopback:
+        raise UsageError(
+            f"no API key: set the environment variable {env} (the job's api.api_key_env) "
+            f"to your key for {url.host}"
+        )
+    if key is not None and url.scheme == "http" and not loopback and not spec.api.allow_insecure_http:
+        raise UsageError(
+            f"refusing to send the API key over plain http to {url.host}; use https, "
+            "or set api.allow_insecure_http = true (--allow-insecure-http) if you mean it"
+        )
+    return key
+
+
+def job_identity(spec: JobSpec) -> dict[str, Any]:
+    """What makes two runs the same job for one output: its name and its input.
+
+    The model, template and request parameters are not part of it: changing
+    them is still the same job, and the rows whose requests changed are redone.
+    """
+    return {
+        "job": spec.name,
+        "input": str(Path(spec.input.path).resolve()),
+        "id_column": spec.input.id_column,
+    }
+
+
+def _metadata(spec: JobSpec, identity: dict[str, Any]) -> dict[bytes, bytes]:
+    # the settings of the job, for audit; the key variable's name is in them, never its value
+    settings = spec.model_dump(mode="json")
+    doc = {"identity": identity, "settings": settings, "promptmill": _version()}
+    return {out.METADATA_KEY: orjson.dumps(doc, default=str)}
+
+
+def _version() -> str:
+    from batch import __version__
+
+    return __version__
+
+
+@asynccontextmanager
+async def _endpoint(spec: JobSpec) -> AsyncIterator[str]:
+    """The base URL to send to: the job's, or a simulator started for this job's lifetime."""
+    if spec.api.base_url != SIMULATOR:
+        yield spec.api.base_url
+        return
+    from batch.simulator import SimConfig, SimServer
+
+    config = SimConfig(**dict(spec.simulator or {}))
+    server = await anyio.to_thread.run_sync(SimServer(config).start)
+    try:
+        log.info("started the built-in simulator at %s", server.base_url)
+        yield server.base_url
+    finally:
+        await anyio.to_thread.run_sync(server.stop)
+
+
+class _Job:
+    """The state of one running job, shared by its tasks."""
+
+    def __init__(self, spec: JobSpec, opts: RunOptions, writer: out.PartWriter, summary: Summary,
+                 index: out.ResumeIndex, progress: Progress) -> None:
+        self.spec = spec
+        self.opts = opts
+        self.writer = writer
+        self.summary = summary
+        self.index = index
+        self.progress = progress
+        self.model = spec.request.model
+        self.endpoint = spec.api.endpoint
+        self.prices = PriceTable(
+            {m: Price(p.input, p.output, p.cached_input) for m, p in spec.pricing.items()}
+        )
+        self.stopping = False
+        self.flush_due = anyio.Event()
+        self.fatal: JobStopped | None = None
+        self.feed_scope = anyio.CancelScope()
+        self.workers_scope = anyio.CancelScope()
+
+    # -- results -------------------------------------------------------------
+
+    def record(self, result: Result) -> None:
+        self.writer.add(result)
+        self.summary.add(result)
+        self.progress.update(result.status == "ok")
+        if len(self.writer) >= self.opts.flush_rows:
+            self.flush_due.set()
+
+    def failed_row(self, row: Row, message: str, code: str) -> None:
+        self.record(Result(
+            index=row.index, id=row.id, passthrough=row.values, fingerprint="", model=self.model,
+            endpoint=self.endpoint, status="failed", error_code=code, error=message,
+        ))
+
+    # -- stages --------------------------------------------------------------
+
+    async def feed(self, reader: InputReader, builder: RequestBuilder,
+                   send: anyio.abc.ObjectSendStream[Request]) -> None:
+        batches: Iterator[list[Row]] = reader.batches()
+        index = self.index
+        with self.feed_scope, send:
+            while not self.stopping:
+                batch = await anyio.to_thread.run_sync(next, batches, None)
+                if batch is None:
+                    break
+                skipped = 0
+                for row in batch:
+                    error = row_error(row)
+                    if error is not None:
+                        self.failed_row(row, error, "bad_input")
+                        continue
+                    request = builder.build(row)
+                    if index and (request.id, request.fingerprint) in index:
+                        skipped += 1
+                        continue
+                    await send.send(request)
+                    if self.stopping:
+                        break
+                if skipped:
+                    self.summary.rows_skipped += skipped
+                    self.progress.skip(skipped)
+
+    async def work(self, receive: anyio.abc.ObjectReceiveStream[Request], client: Client,
+                   limiter: Limiter, policy: RetryPolicy) -> None:
+        clock = self.opts.clock
+        async with receive:
+            async for request in receive:
+                if self.stopping:
+                    break
+                started = clock()
+                body = request.body
+                est = request.est_prompt_tokens + int(body.get("max_tokens") or 0) * int(body.get("n") or 1)
+
+                async def attempt(body: dict[str, Any] = body, est: int = est) -> Any:
+                    reservation = await limiter.acquire(est)
+                    try:
+                        reply = await client.complete(body)
+                    except RequestError as exc:
+                        limiter.settle(reservation, None)
+                        if exc.http_status == 429:
+                            limiter.on_rate_limited(exc.headers)
+                        raise
+                    usage = reply.completion.usage
+                    limiter.settle(reservation, usage.total_tokens if usage else None)
+                    limiter.on_response(reply.headers)
+                    return reply
+
+                try:
+                    reply, attempts = await policy.call(attempt, row_id=request.id)
+                except RequestError as exc:
+                    exc.row_id = request.id
+                    if classify(exc) == "fatal":
+                        self.fatal = JobStopped(_fatal_message(exc), cause=exc)
+                        raise self.fatal from None
+                    self.record(self._failure(request, exc, clock() - started))
+                    continue
+                self.record(self._success(request, reply, attempts))
+
+    def _success(self, request: Request, reply: Any, attempts: int) -> Result:
+        c = reply.completion
+        u = c.usage
+        return Result(
+            index=request.index, id=request.id, passthrough=request.passthrough,
+            fingerprint=request.fingerprint, model=self.model, endpoint=self.endpoint, status="ok",
+            text=c.text, finish_reason=c.finish_reason,
+            prompt_tokens=u.prompt_tokens if u else None,
+            completion_tokens=u.completion_tokens if u else None,
+            total_tokens=u.total_tokens if u else None,
+            cached_tokens=u.cached_tokens if u else None,
+            reasoning_tokens=u.reasoning_tokens if u else None,
+            cost_usd=self.prices.cost(self.model, u),
+            latency_s=reply.latency_s, ttft_s=c.ttft_s, attempts=attempts, http_status=reply.http_status,
+            response_id=c.response_id, created=c.created, system_fingerprint=c.system_fingerprint,
+        )
+
+    def _failure(self, request: Request, exc: RequestError, elapsed: float) -> Result:
+        return Result(
+            index=request.index, id=request.id, passthrough=request.passthrough,
+            fingerprint=request.fingerprint, model=self.model, endpoint=self.endpoint, status="failed",
+            latency_s=elapsed, attempts=int(getattr(exc, "attempts", 1) or 1), http_status=exc.http_status,
+            error_code=exc.code or type(exc).__name__, error=exc.message,
+        )
+
+    async def flush_forever(self) -> None:
+        while True:
+            with anyio.move_on_after(self.opts.flush_s):
+                await self.flush_due.wait()
+            self.flush_due = anyio.Event()
+            await self.flush()
+
+    async def flush(self) -> None:
+        table = self.writer.take()
+        if table is not None:
+            # shielded: a cancel must not lose a part half-way through its write
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self.writer.write, table)
+
+
+def _fatal_message(exc: RequestError) -> str:
+    what = {401: "the API key was refused (401)", 402: "payment required (402): the balance is spent",
+            403: "access forbidden (403)"}.get(exc.http_status or 0, f"the quota is spent ({exc.http_status}, {exc.code})")
+    return f"{what}: {exc.message}; rows already finished are kept, rerun the same command once it is fixed"
+
+
+async def run_job(spec: JobSpec, opts: RunOptions | None = None) -> Summary:
+    """Run one job to the end (or to a stop) and return its summary; see the module docstring."""
+    opts = opts or RunOptions()
+    wall_start = opts.clock()
+    api_key = check_api(spec)
+    output = spec.output_path()
+    out.check_output_writable(output)
+    reader = InputReader(spec.input)
+    reader.check_ids()
+    builder = RequestBuilder(spec)
+    identity = job_identity(spec)
+    schema = out.output_schema(reader.passthrough_schema, _metadata(spec, identity))
+    summary = Summary(job=spec.name, output=str(output))
+    opts.summary = summary
+
+    lock = out.OutputLock(output)
+    lock.acquire()
+    try:
+        if opts.fresh:
+            out.discard_progress(output)
+        else:
+            previous = out.read_job_identity(output)
+            if previous is not None and previous != identity:
+                raise OutputError(
+                    f"this output was written by another job ({previous.get('job')!r} reading "
+                    f"{previous.get('input')}); choose another output, or pass --fresh to replace it",
+                    path=output,
+                )
+        out.write_job_identity(output, identity)
+        index = out.load_index(output, include_failed=not opts.retry_failed)
+        if len(index):
+            log.info("resuming: %s rows of an earlier run are done and will be skipped", f"{len(index):,}")
+        writer = out.PartWriter(output, schema, out.next_run_number(output))
+        progress = Progress(getattr(reader, "num_rows", None), enabled=opts.progress)
+        job = _Job(spec, opts, writer, summary, index, progress)
+        try:
+            await _run(job, reader, builder, api_key)
+        finally:
+            progress.close()
+            summary.wall_s = opts.clock() - wall_start
+            await job.flush()
+            if writer.rows_flushed or output.exists() or out.next_run_number(output) > 1:
+                await anyio.to_thread.run_sync(out.assemble, output, schema)
+            summary.write_json(output.with_name(output.name + ".summary.json"))
+    finally:
+        lock.release()
+    out.remove_parts_dir(output)
+    return summary
+
+
+async def _run(job: _Job, reader: InputReader, builder: RequestBuilder, api_key: str | None) -> None:
+    spec, opts = job.spec, job.opts
+    concurrency = spec.limits.concurrency
+    timeouts = Timeouts(
+        connect=spec.api.connect_timeout_s, read=spec.api.read_timeout_s,
+        write=spec.api.write_timeout_s, total=spec.api.request_timeout_s,
+    )
+    limiter = Limiter(spec.limits.rpm, spec.limits.tpm, clock=time.monotonic, sleep=opts.sleep)
+    policy = RetryPolicy(
+        RetrySettings(
+            max_attempts=spec.retry.max_attempts, initial_wait_s=spec.retry.initial_wait_s,
+            max_wait_s=spec.retry.max_wait_s, row_budget_s=spec.retry.row_budget_s,
+        ),
+        sleep=opts.sleep,
+    )
+    async with _endpoint(spec) as base_url, Client(
+        base_url, endpoint=spec.api.endpoint, stream=spec.api.stream, api_key=api_key,
+        concurrency=concurrency, timeouts=timeouts, transport=opts.transport,
+    ) as client, anyio.create_task_group() as outer:
+        outer.start_soon(job.flush_forever)
+        if opts.handle_signals:
+            outer.start_soon(_watch_signals, job, outer.cancel_scope)
+        try:
+            async with anyio.create_task_group() as tg:
+                job.workers_scope = tg.cancel_scope
+                send, receive = anyio.create_memory_object_stream[Request](max(2 * concurrency, 64))
+                tg.start_soon(job.feed, reader, builder, send)
+                async with receive:
+                    for _ in range(concurrency):
+                        tg.start_soon(job.work, receive.clone(), client, limiter, policy)
+        except* JobStopped:
+            job.summary.stopped = str(job.fatal)
+            outer.cancel_scope.cancel()
+            raise job.fatal from None  # type: ignore[misc]
+        outer.cancel_scope.cancel()
+
+
+async def _watch_signals(job: _Job, outer: anyio.CancelScope) -> None:
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            if job.opts.exit_signal is None:
+                job.opts.exit_signal = signum
+                job.stopping = True
+                name = signal.Signals(signum).name
+                job.summary.stopped = f"{name} received"
+                log.warning(
+                    "%s: finishing the requests in flight (up to %.0f s), then stopping; send it again to stop at once",
+                    name, job.opts.grace_s,
+                )
+                job.feed_scope.cancel()
+                scope = job.workers_scope
+                scope.deadline = min(scope.deadline, anyio.current_time() + job.opts.grace_s)
+            else:
+                log.warning("second signal: stopping now; finished rows are kept")
+                job.workers_scope.cancel()
+                return
+
+
+def exit_code_for_signal(signum: int) -> int:
+    return 128 + signum
+
