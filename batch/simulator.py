@@ -283,6 +283,7 @@ class SimState:
         self.config = config
         self.clock = clock
         self._ids = 0
+        self.labels: dict[str | None, str] = {}  # key -> key_label(key), to hash each key once
         self.reset()
 
     def reset(self) -> None:
@@ -602,7 +603,11 @@ class SimApp:
                 auth = value.decode("latin-1")
                 presented = auth[7:] if auth[:7].lower() == "bearer " else auth
                 break
-        label = key_label(presented)
+        label = sim.labels.get(presented)
+        if label is None:
+            label = key_label(presented)
+            if len(sim.labels) < 4096:
+                sim.labels[presented] = label
         sim.by_key[label] = sim.by_key.get(label, 0) + 1
 
         if config.fatal_status is not None:
