@@ -588,6 +588,12 @@ class SimApp:
             sim.max_in_flight = sim.in_flight
         try:
             await self._handle(scope, receive, send, chat)
+        except asyncio.CancelledError:
+            # The server is stopping under a request that sleeps (latency, a stream, a hang):
+            # drop its connection quietly rather than let uvicorn answer 500 and log a traceback.
+            if not _abort(receive):
+                raise
+            await _wait_disconnect(receive)
         finally:
             sim.in_flight -= 1
 

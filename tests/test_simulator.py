@@ -432,3 +432,22 @@ def test_command_line_arguments_make_a_config(monkeypatch: pytest.MonkeyPatch) -
     with pytest.raises(SystemExit):
         parser.parse_args(["--faults", "meteor"])
     assert set(FAULT_KINDS) == {"500", "502", "503", "reset", "hang", "malformed", "cut"}
+
+
+async def test_stop_drops_requests_still_in_flight() -> None:
+    server = SimServer(SimConfig(fault_rate=1.0, faults=("hang",), hang_s=30.0)).start()
+    errors: list[BaseException] = []
+    async with httpx.AsyncClient(base_url=server.base_url, timeout=10) as client:
+
+        async def held() -> None:
+            try:
+                await client.post("/completions", json=COMPLETION)
+            except httpx.TransportError as exc:
+                errors.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(held)
+            while server.stats["in_flight"] == 0:
+                await anyio.sleep(0.01)
+            await anyio.to_thread.run_sync(server.stop)
+    assert len(errors) == 1  # the connection was dropped, not answered with a 500
