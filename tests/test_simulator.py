@@ -25,9 +25,12 @@ from batch.simulator import (
     reply_for,
 )
 
-CHAT: dict[str, Any] = {"model": "sim-model", "messages": [{"role": "system", "content": "Be brief."},
-                                           {"role": "user", "content": "Name three rivers of Europe"}],
-        "max_tokens": 64}
+CHAT: dict[str, Any] = {
+    "model": "sim-model",
+    "messages": [{"role": "system", "content": "Be brief."},
+                 {"role": "user", "content": "Name three rivers of Europe"}],
+    "max_tokens": 64,
+}
 COMPLETION: dict[str, Any] = {"model": "sim-model", "prompt": "Once upon a time there was", "max_tokens": 64}
 STREAM = {"stream": True, "stream_options": {"include_usage": True}}
 
