@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterator
+
 import pytest
+
+from batch.simulator import SimConfig, SimServer
 
 _SECRET_VARS = ("ATOMA_API_KEY", "OPENAI_API_KEY", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY",
                 "http_proxy", "https_proxy", "all_proxy", "NO_PROXY", "no_proxy")
@@ -18,3 +23,19 @@ def clean_environ(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def sim_server() -> Iterator[SimServer]:
+    """One simulator on loopback for the whole test run."""
+    with SimServer(SimConfig()) as server:
+        yield server
+
+
+@pytest.fixture
+def sim(sim_server: SimServer) -> SimServer:
+    """The shared simulator, with default settings and zeroed counters for this test."""
+    defaults = {f.name: f.default for f in dataclasses.fields(SimConfig) if f.name != "api_key"}
+    sim_server.configure(**defaults, api_key=None)
+    sim_server.reset_stats()
+    return sim_server
