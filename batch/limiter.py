@@ -38,17 +38,20 @@ Configured ``rpm`` / ``tpm``
 
 Bare 429s (Atoma: no headers, 429 for quota and overload alike)
     Adaptive, in the manner of TCP congestion control, on a request rate. Until
-    the first 429 nothing is paced. A 429 pauses every worker (1 s, doubling
-    while 429s keep coming with no success in between, at most 8 s, so the job
-    keeps probing and never stalls) and sets the rate to ``0.85 *`` the lower
-    of the current rate and the success rate measured over the last minute;
-    the measured rate is what a sliding-window server actually let through, so
-    one cut lands near the server's limit. Further 429s in the same run halve
-    the rate (never below one request per longest pause) but keep the level
-    learned at the start of the run, to which the rate climbs back quickly
-    (doubling every second) once the server accepts again; above that level it
-    rises slowly (2 % a second) while workers are waiting on it. 429s for
-    requests sent before the cut belong to the same event and do not cut again.
+    the first 429 nothing is paced. The first 429 of a run pauses every worker
+    (1 s, doubling while 429s keep coming with no success in between, at most
+    4 s, so the job keeps probing and never stalls) and sets the rate to 0.9 of
+    the lower of the current rate and the success rate measured since the
+    server last accepted again (over at most a minute, and at least 15 s once
+    paced): what got through is what a sliding-window server allows, so one cut
+    lands near its limit. Further 429s in the same run halve the rate (never
+    below one request per longest pause) but keep the level learned at its
+    start, to which the rate climbs back quickly (doubling every second) once
+    the server accepts again; after an unpaced start that level is what got
+    through from the first success until then. Above the level the rate rises
+    slowly (1 % a second) while workers are waiting on it. A 429 while already
+    paced pauses only two request intervals: the window frees again that soon.
+    429s for requests sent before a cut belong to it and do not cut again.
 
 Time is injected: ``clock`` and ``sleep``, so a minute of limiting runs in
 milliseconds under test. All state is touched from one event loop; no locks.
@@ -90,7 +93,7 @@ _DEFAULT_WINDOW_S = 60.0
 _CUT = 0.9  # rate after a 429, as a share of the measured or current rate
 _PROBE_CUT = 0.5  # further cuts while 429s keep coming with no success
 _SLOW_START_DOUBLING_S = 1.0  # below the learned level the rate doubles this often
-_GROWTH_PER_S = 0.02  # above it, the rate grows by this share a second
+_GROWTH_PER_S = 0.01  # above it, the rate grows by this share a second
 _PAUSE_S = 1.0
 _MAX_PAUSE_S = 4.0
 _SHORT_PAUSE_SLOTS = 2.0  # pause after a 429 while already paced, in request intervals

@@ -14,7 +14,7 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-from batch.limiter import Limiter, Reservation, estimate_tokens, parse_duration
+from batch.limiter import Limiter, estimate_tokens, parse_duration
 
 
 class FakeClock:
