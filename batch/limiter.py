@@ -1,0 +1,672 @@
+"""Keep a job within its request and token rate limits, shared by every worker.
+
+One :class:`Limiter` serves every task of a job. A worker calls
+:meth:`Limiter.acquire` with the request's estimated tokens
+(:func:`estimate_tokens`) before it sends, and reports what came back:
+
+    res = await limiter.acquire(estimate_tokens(body))
+    2xx            -> limiter.on_response(reply.headers, res); limiter.settle(res, charged)
+    429 (not quota)-> limiter.on_rate_limited(exc.headers, res)      (refunds res)
+    no answer      -> limiter.release(res)                            (connect error: refund)
+    other answer   -> limiter.settle(res, None)                       (keep the estimate)
+
+Every reservation is finished exactly once; finishing it again is a no-op, so a
+worker may call ``release`` in a ``finally`` after ``settle`` without harm.
+
+Three sources of limits combine; the strictest wins at any moment.
+
+Configured ``rpm`` / ``tpm``
+    Paced, not bursted. A token bucket that starts full lets through a whole
+    window's worth at once and then keeps going at the full rate, which a
+    sliding-window server answers with 429s. So each limit is a bucket of
+    (almost) no capacity: request *i* may start once request *i-1* has paid for
+    itself (``1/rate`` seconds for a request, ``tokens/rate`` for its tokens),
+    with a few milliseconds of tolerance so the event loop's timer resolution
+    does not cap throughput. Pacing at ``target_utilization`` (0.98) of the
+    limit keeps any 60 s window at most ``0.98 * limit + one request`` and
+    leaves room for latency jitter; for tokens, the pace is also lowered by the
+    largest single reservation so that even that extra request fits.
+
+``x-ratelimit-*`` headers (OpenAI, gateways)
+    ``x-ratelimit-limit-requests`` / ``-tokens`` give the limit; the window is
+    taken as the longest ``x-ratelimit-reset-*`` seen (a fresh window resets in
+    a full window), 60 s until then. The job paces to that limit as above.
+    ``remaining`` and ``reset`` add a gate: the remaining budget, minus what was
+    sent since the answer that reported it, may be spent before ``reset``;
+    once spent, everyone waits for the reset. A 429 with headers pauses
+    everyone for ``Retry-After`` (or the exhausted limit's reset).
+
+Bare 429s (Atoma: no headers, 429 for quota and overload alike)
+    Adaptive, in the manner of TCP congestion control, on a request rate. Until
+    the first 429 nothing is paced. The first 429 of a run pauses every worker
+    (1 s, doubling while 429s keep coming with no success in between, at most
+    4 s, so the job keeps probing and never stalls) and sets the rate to 0.9 of
+    the lower of the current rate and the success rate measured since the
+    server last accepted again (over at most a minute, and at least 15 s once
+    paced): what got through is what a sliding-window server allows, so one cut
+    lands near its limit. Further 429s in the same run halve the rate (never
+    below one request per longest pause) but keep the level learned at its
+    start, to which the rate climbs back quickly (doubling every second) once
+    the server accepts again; after an unpaced start that level is what got
+    through from the first success until then. Above the level the rate rises
+    slowly (1 % a second) while workers are waiting on it. A 429 while already
+    paced pauses only two request intervals: the window frees again that soon.
+    429s for requests sent before a cut belong to it and do not cut again.
+
+Time is injected: ``clock`` and ``sleep``, so a minute of limiting runs in
+milliseconds under test. All state is touched from one event loop; no locks.
+
+Waiting is a FIFO: only the head waiter sleeps (until its own start time,
+re-checked at least every second so rate changes apply to it), and hands over
+to the next waiter when it goes. Thousands of waiters cost one timer. With no
+limit of any kind known, ``acquire`` takes a fast path that neither sleeps
+nor reads the clock.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+
+from batch.retry import retry_after
+
+__all__ = ["Limiter", "LimiterStats", "Reservation", "estimate_tokens", "parse_duration"]
+
+logger = logging.getLogger(__name__)
+
+# Pacing tolerance: how early a request may start against its slot. Without it
+# every admission at rates above ~1000/s would cost a timer tick of ~1 ms.
+_TOLERANCE_S = 0.005
+# Longest single nap of the head waiter, so rate changes reach it promptly.
+_NAP_S = 1.0
+# Default window of a limit until a reset header says otherwise (per-minute limits).
+_DEFAULT_WINDOW_S = 60.0
+# Adaptive (bare 429) tuning; see the module docstring.
+_CUT = 0.9  # rate after a 429, as a share of the measured or current rate
+_PROBE_CUT = 0.5  # further cuts while 429s keep coming with no success
+_SLOW_START_DOUBLING_S = 1.0  # below the learned level the rate doubles this often
+_GROWTH_PER_S = 0.01  # above it, the rate grows by this share a second
+_PAUSE_S = 1.0
+_MAX_PAUSE_S = 4.0
+_SHORT_PAUSE_SLOTS = 2.0  # pause after a 429 while already paced, in request intervals
+_HORIZON_S = 60.0  # success-rate measurement window
+_MIN_SPAN_S = 15.0  # shortest measurement that may lower a paced rate
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|us|µs|ns|h|m|s)?")
+
+_RATE_HEADERS = (
+    "x-ratelimit-limit-requests",
+    "x-ratelimit-remaining-requests",
+    "x-ratelimit-limit-tokens",
+    "x-ratelimit-remaining-tokens",
+)
+
+
+def parse_duration(text: str) -> float | None:
+    """Seconds in an OpenAI reset duration ("1s", "6m0s", "20ms", "1h2m3.5s", "1.5").
+
+    A bare number is seconds. Anything unparseable gives ``None``.
+    """
+    text = text.strip()
+    if not text:
+        return None
+    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
+    total = 0.0
+    pos = 0
+    while pos < len(text):
+        match = _DURATION_PART.match(text, pos)
+        if match is None:
+            return None
+        unit = match.group(2)
+        if unit is None and (pos != 0 or match.end() != len(text)):
+            return None
+        total += float(match.group(1)) * units[unit or "s"]
+        pos = match.end()
+    return total
+
+
+def _number(headers: Mapping[str, str], name: str) -> float | None:
+    value = headers.get(name)
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return number if math.isfinite(number) and number >= 0 else None
+
+
+def _duration(headers: Mapping[str, str], name: str) -> float | None:
+    value = headers.get(name)
+    return None if value is None else parse_duration(value)
+
+
+def estimate_tokens(body: Mapping[str, Any]) -> int:
+    """Tokens a request may use: its prompt estimated from the text, plus ``max_tokens * n``.
+
+    The prompt estimate is a character count divided by four plus four tokens per
+    chat message and three for the reply's priming, which over-estimates English
+    slightly (no tokenizer is downloaded). A body with no ``max_tokens`` (or
+    ``max_completion_tokens``) is counted with 8192, what Atoma reserves for it.
+    """
+    chars = 0
+    overhead = 0
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        overhead = 3 + 4 * len(messages)
+        for message in messages:
+            if isinstance(message, Mapping):
+                chars += _content_chars(message.get("content"))
+                name = message.get("name")
+                if isinstance(name, str):
+                    chars += len(name)
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        chars += len(prompt)
+    elif isinstance(prompt, list):
+        chars += sum(len(p) for p in prompt if isinstance(p, str))
+    max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 0:
+        max_tokens = 8192
+    n = body.get("n")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        n = 1
+    return -(-chars // 4) + overhead + max_tokens * n
+
+
+def _content_chars(content: Any) -> int:
+    if isinstance(content, str):
+        return len(content)
+    if isinstance(content, list):
+        total = 0
+        for part in content:
+            if isinstance(part, Mapping):
+                text = part.get("text")
+                # an image or audio part: a rough flat cost rather than nothing
+                total += len(text) if isinstance(text, str) else 340
+            elif isinstance(part, str):
+                total += len(part)
+        return total
+    return 0
+
+
+@dataclass(slots=True, eq=False)
+class Reservation:
+    """What one admitted request holds against the limits until it is finished."""
+
+    tokens: int
+    seq: int = 0  # admission order; answers to later requests carry fresher headers
+    tokens_before: int = 0  # tokens admitted before this request
+    done: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class LimiterStats:
+    """A snapshot for the summary and benchmarks. Rates are per minute; ``None`` = unpaced."""
+
+    requests: int
+    tokens_reserved: int
+    tokens_refunded: int
+    rate_limited: int
+    pauses: int
+    paused_s: float
+    waiting: int
+    in_flight: int
+    rpm: float | None  # the request pace in force now
+    tpm: float | None  # the token pace in force now
+    adaptive_rpm: float | None  # the rate learned from bare 429s
+    header_rpm: float | None  # limits learned from x-ratelimit-* headers
+    header_tpm: float | None
+
+
+class Limiter:
+    """Request and token rate limits shared by every worker of a job (see the module docstring)."""
+
+    def __init__(
+        self,
+        rpm: float | None = None,
+        tpm: float | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
+        adaptive: bool = True,
+        target_utilization: float = 0.98,
+    ) -> None:
+        for name, value in (("rpm", rpm), ("tpm", tpm)):
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be positive, got {value!r}")
+        if not 0 < target_utilization <= 1:
+            raise ValueError("target_utilization must be in (0, 1]")
+        self._rpm = rpm
+        self._tpm = tpm
+        self._clock = clock
+        self._sleep = sleep
+        self._adaptive = adaptive
+        self._util = target_utilization
+
+        # pacing: the earliest start of the next request / of the next token spend
+        self._req_interval = 0.0  # seconds per request, 0 = unpaced
+        self._tok_rate = 0.0  # tokens per second, 0 = unpaced
+        self._next_req = -math.inf
+        self._next_tok = -math.inf
+        self._max_tokens = 0  # largest single reservation seen
+        self._paused_until = -math.inf
+        self._free = True  # no limit of any kind: the fast path
+
+        # admissions
+        self._seq = 0
+        self._tokens_total = 0
+        self._in_flight = 0
+        self._waiters: deque[anyio.Event] = deque()
+        self._bound_at = -math.inf  # last time a waiter had to wait for the pace
+
+        # limits learned from headers
+        self._hdr_req_limit: float | None = None
+        self._hdr_tok_limit: float | None = None
+        self._hdr_req_window = 0.0
+        self._hdr_tok_window = 0.0
+        self._req_budget: float | None = None  # remaining requests until _req_reset_at
+        self._req_reset_at = -math.inf
+        self._req_budget_seq = -1
+        self._tok_budget: float | None = None
+        self._tok_reset_at = -math.inf
+        self._tok_budget_seq = -1
+
+        # adaptive rate (requests per second), learned from bare 429s
+        self._rate: float | None = None
+        self._level = 0.0  # the level learned at the start of a run of 429s
+        self._streak = 0  # 429 cuts since the last success
+        self._was_paced = False  # whether the rate was already paced before this run of 429s
+        self._cut_seq = 0  # requests admitted before the last cut answer to that cut
+        self._grown_at = 0.0
+        self._first_at: float | None = None
+        self._bins: deque[list[float]] = deque()  # [second, successes]
+        self._bins_total = 0.0
+        self._successes = 0
+        self._open_at = -math.inf  # when the server last accepted again after 429s
+
+        # statistics
+        self._tokens_refunded = 0
+        self._rate_limited = 0
+        self._pauses = 0
+        self._paused_s = 0.0
+
+        self._recompute(-math.inf)
+
+    # ------------------------------------------------------------------ admission
+
+    async def acquire(self, tokens: int) -> Reservation:
+        """Wait until a request of ``tokens`` estimated tokens may be sent; FIFO among waiters."""
+        if self._free and not self._waiters:
+            self._seq += 1
+            res = Reservation(tokens, self._seq, self._tokens_total)
+            self._tokens_total += tokens
+            self._in_flight += 1
+            if tokens > self._max_tokens:
+                self._max_tokens = tokens
+            return res
+        event = anyio.Event()
+        self._waiters.append(event)
+        try:
+            if self._waiters[0] is not event:
+                await event.wait()
+            while True:
+                now = self._clock()
+                delay = self._delay(now, tokens)
+                if delay <= _TOLERANCE_S:
+                    return self._take(now, tokens)
+                self._bound_at = now
+                await self._sleep(min(delay, _NAP_S))
+        finally:
+            if self._waiters and self._waiters[0] is event:
+                self._waiters.popleft()
+                if self._waiters:
+                    self._waiters[0].set()
+            else:  # cancelled while queued: only its own ``finally`` removes an event
+                self._waiters.remove(event)
+
+    def _delay(self, now: float, tokens: int) -> float:
+        start = self._paused_until
+        if self._req_interval and self._next_req > start:
+            start = self._next_req
+        if self._tok_rate and self._next_tok > start:
+            start = self._next_tok
+        if self._req_budget is not None:
+            if now >= self._req_reset_at:
+                self._req_budget = None
+            elif self._req_budget < 1 and self._req_reset_at > start:
+                start = self._req_reset_at
+        if self._tok_budget is not None:
+            if now >= self._tok_reset_at:
+                self._tok_budget = None
+            elif self._tok_budget < tokens and self._tok_reset_at > start:
+                start = self._tok_reset_at
+        return start - now
+
+    def _take(self, now: float, tokens: int) -> Reservation:
+        self._seq += 1
+        res = Reservation(tokens, self._seq, self._tokens_total)
+        self._tokens_total += tokens
+        self._in_flight += 1
+        if tokens > self._max_tokens:
+            self._max_tokens = tokens
+            if self._tok_rate:
+                self._recompute(now)
+        if self._req_interval:
+            self._next_req = max(self._next_req, now) + self._req_interval
+        if self._tok_rate:
+            self._next_tok = max(self._next_tok, now) + tokens / self._tok_rate
+        if self._req_budget is not None:
+            self._req_budget -= 1
+        if self._tok_budget is not None:
+            self._tok_budget -= tokens
+        if not (self._req_interval or self._tok_rate):
+            self._update_free(now)
+        return res
+
+    def settle(self, reservation: Reservation, actual_tokens: int | None) -> None:
+        """Finish a reservation once the answer is in.
+
+        ``actual_tokens`` is what the server counts against its token limit for
+        this request; the difference from the estimate is given back (or, if the
+        estimate was low, charged). ``None`` keeps the estimate. OpenAI and the
+        built-in simulator count ``prompt_tokens + max_tokens * n`` at admission,
+        so pass that to stay clear of their 429s; to budget by tokens actually
+        used, pass ``usage.total_tokens``.
+        """
+        if reservation.done:
+            return
+        reservation.done = True
+        self._in_flight -= 1
+        if actual_tokens is None:
+            return
+        self._adjust_tokens(reservation.tokens - actual_tokens)
+
+    def release(self, reservation: Reservation) -> None:
+        """Finish a reservation for a request the server never took: give all of it back."""
+        if reservation.done:
+            return
+        reservation.done = True
+        self._in_flight -= 1
+        if self._req_interval:
+            self._next_req -= self._req_interval
+        self._adjust_tokens(reservation.tokens)
+
+    def _adjust_tokens(self, refund: int) -> None:
+        if refund > 0:
+            self._tokens_refunded += refund
+        if refund and self._tok_rate:
+            if refund < 0:  # under-estimated: the overrun is spent from now on at the latest
+                self._next_tok = max(self._next_tok, self._clock())
+            self._next_tok -= refund / self._tok_rate
+
+    # ------------------------------------------------------------------ feedback
+
+    def on_response(self, headers: Mapping[str, str], reservation: Reservation | None = None) -> None:
+        """A 2xx answer: follow its ``x-ratelimit-*`` headers, and let an adaptive rate grow.
+
+        Passing the answer's reservation lets the limiter tell how many requests
+        were sent after the one the headers describe.
+        """
+        if not self._adaptive and self._free and not _has_rate_headers(headers):
+            self._streak = 0
+            return
+        now = self._clock()
+        if self._adaptive:
+            self._count_success(now)
+            if self._streak:
+                self._end_streak(now)
+            if self._rate is not None:
+                self._grow(now)
+        if _has_rate_headers(headers):
+            self._apply_headers(headers, now, reservation)
+
+    def on_rate_limited(
+        self, headers: Mapping[str, str], reservation: Reservation | None = None
+    ) -> float:
+        """A 429 that is not a spent quota: pause every worker and slow down.
+
+        The reservation, if given, is released (the server did not take the
+        request). Returns the seconds from now until workers may send again.
+        """
+        now = self._clock()
+        self._rate_limited += 1
+        if reservation is not None:
+            self.release(reservation)
+        has_limits = _has_rate_headers(headers)
+        if has_limits:
+            self._apply_headers(headers, now, reservation)
+        wait = retry_after(headers)
+        fresh = reservation is None or reservation.seq > self._cut_seq
+        if reservation is None and now < self._paused_until:
+            fresh = False  # no way to tell; a 429 during a pause belongs to it
+        if not has_limits and self._adaptive and fresh:
+            self._cut(now)
+        if wait is None and has_limits:
+            resets = []
+            if self._req_budget is not None and self._req_budget < 1:
+                resets.append(self._req_reset_at - now)
+            if self._tok_budget is not None and self._tok_budget <= 0:
+                resets.append(self._tok_reset_at - now)
+            wait = max(resets) if resets else None
+        if wait is None:
+            if not fresh:
+                return max(0.0, self._paused_until - now)
+            if self._streak == 1 and self._was_paced and self._rate is not None:
+                # already paced near the limit: the window frees again within a few slots
+                wait = min(_PAUSE_S, _SHORT_PAUSE_SLOTS / self._rate)
+            else:
+                wait = min(_PAUSE_S * 2.0 ** max(0, self._streak - 1), _MAX_PAUSE_S)
+        self._pause(now, wait)
+        return max(0.0, self._paused_until - now)
+
+    def _pause(self, now: float, seconds: float) -> None:
+        until = now + seconds
+        if until <= self._paused_until:
+            return
+        self._pauses += 1
+        self._paused_s += until - max(now, self._paused_until)
+        self._paused_until = until
+        self._free = False
+        logger.info("rate limited: every worker pauses %.2f s", seconds)
+
+    # ------------------------------------------------------------------ adaptive rate
+
+    def _count_success(self, now: float) -> None:
+        if self._first_at is None:
+            self._first_at = now
+        second = math.floor(now)
+        bins = self._bins
+        if bins and bins[-1][0] == second:
+            bins[-1][1] += 1
+        else:
+            bins.append([second, 1])
+            while bins and bins[0][0] <= now - _HORIZON_S:
+                self._bins_total -= bins.popleft()[1]
+        self._bins_total += 1
+        self._successes += 1
+
+    def _measured_rate(self, now: float) -> float | None:
+        """Successes a second over the last minute, counted since the server last
+        accepted again after a run of 429s (an outage says nothing of its rate)."""
+        while self._bins and self._bins[0][0] <= now - _HORIZON_S:
+            self._bins_total -= self._bins.popleft()[1]
+        if self._first_at is None or not self._bins_total:
+            return None
+        since = max(self._first_at, self._open_at, now - _HORIZON_S)
+        total = self._bins_total
+        for second, count in self._bins:
+            if second >= math.floor(since):
+                break
+            total -= count
+        span = now - since
+        if total <= 0 or (span < _MIN_SPAN_S and self._rate is not None):
+            return None
+        return total / max(1.0, span)
+
+    def _cut(self, now: float) -> None:
+        self._cut_seq = self._seq
+        self._streak += 1
+        if self._streak == 1:
+            self._was_paced = self._rate is not None
+        floor = 1.0 / _MAX_PAUSE_S
+        if self._streak == 1:
+            measured = self._measured_rate(now)
+            current = self._rate
+            if current is None or (measured is not None and measured < current):
+                # what got through is the server's rate, if measured long enough to tell
+                current = measured
+            if current is None:  # a 429 before any success: start from the floor
+                current = floor / _CUT
+            self._rate = self._level = max(floor, _CUT * current)
+        else:
+            assert self._rate is not None
+            self._rate = max(floor, self._rate * _PROBE_CUT)
+        self._grown_at = now
+        self._recompute(now)
+        # requests already given a start time at the old pace start over at the new one
+        self._next_req = max(self._next_req, now)
+        logger.info("adaptive limit: now %.1f requests/min", self._rate * 60)
+
+    def _end_streak(self, now: float) -> None:
+        """The first success after 429s: don't climb back to a level the server never gave."""
+        self._streak = 0
+        self._open_at = now
+        if not self._was_paced and self._first_at is not None and now > self._first_at:
+            # These 429s followed an unpaced start: its burst filled the server's
+            # window, which only now let a request through again. What got through
+            # over that whole time is the server's rate.
+            self._level = max(self._rate or 0.0, (self._successes - 1) / (now - self._first_at))
+            self._was_paced = True
+
+    def _grow(self, now: float) -> None:
+        assert self._rate is not None
+        elapsed = now - self._grown_at
+        if elapsed <= 0:
+            return
+        self._grown_at = now
+        if now - self._bound_at > 1.0:
+            return  # the pace is not what holds the workers back: no evidence to go faster
+        rate = self._rate
+        if rate < self._level:
+            rate = min(self._level, rate * 2.0 ** (elapsed / _SLOW_START_DOUBLING_S))
+        else:
+            rate *= 1.0 + _GROWTH_PER_S * min(elapsed, 1.0)
+        self._rate = rate
+        self._recompute(now)
+
+    # ------------------------------------------------------------------ headers
+
+    def _apply_headers(
+        self, headers: Mapping[str, str], now: float, reservation: Reservation | None
+    ) -> None:
+        seq = reservation.seq if reservation is not None else None
+        changed = False
+        limit = _number(headers, "x-ratelimit-limit-requests")
+        reset = _duration(headers, "x-ratelimit-reset-requests")
+        if limit is not None and limit > 0:
+            window = max(self._hdr_req_window, reset or 0.0) or _DEFAULT_WINDOW_S
+            if limit != self._hdr_req_limit or window != self._hdr_req_window:
+                self._hdr_req_limit, self._hdr_req_window = limit, window
+                changed = True
+        remaining = _number(headers, "x-ratelimit-remaining-requests")
+        if remaining is not None and reset is not None and self._fresher(seq, "_req_budget_seq"):
+            sent_since = self._seq - seq if seq is not None else self._in_flight
+            self._req_budget = remaining - sent_since
+            self._req_reset_at = now + reset
+            changed = True
+
+        limit = _number(headers, "x-ratelimit-limit-tokens")
+        reset = _duration(headers, "x-ratelimit-reset-tokens")
+        if limit is not None and limit > 0:
+            window = max(self._hdr_tok_window, reset or 0.0) or _DEFAULT_WINDOW_S
+            if limit != self._hdr_tok_limit or window != self._hdr_tok_window:
+                self._hdr_tok_limit, self._hdr_tok_window = limit, window
+                changed = True
+        remaining = _number(headers, "x-ratelimit-remaining-tokens")
+        if remaining is not None and reset is not None and self._fresher(seq, "_tok_budget_seq"):
+            if reservation is not None:
+                sent_since = self._tokens_total - reservation.tokens_before - reservation.tokens
+            else:
+                sent_since = self._in_flight * self._max_tokens
+            self._tok_budget = remaining - sent_since
+            self._tok_reset_at = now + reset
+            changed = True
+        if changed:
+            self._recompute(now)
+
+    def _fresher(self, seq: int | None, attr: str) -> bool:
+        """Whether an answer to request ``seq`` is newer than the one the budget came from."""
+        if seq is None:
+            return True
+        if seq < getattr(self, attr):
+            return False
+        setattr(self, attr, seq)
+        return True
+
+    # ------------------------------------------------------------------ pacing
+
+    def _recompute(self, now: float) -> None:
+        req_rate = math.inf
+        if self._rpm is not None:
+            req_rate = self._util * self._rpm / 60.0
+        if self._hdr_req_limit is not None:
+            req_rate = min(req_rate, self._util * self._hdr_req_limit / self._hdr_req_window)
+        if self._rate is not None:
+            req_rate = min(req_rate, self._rate)
+        self._req_interval = 0.0 if req_rate == math.inf else 1.0 / req_rate
+
+        tok_rate = math.inf
+        for limit, window in ((self._tpm, 60.0), (self._hdr_tok_limit, self._hdr_tok_window)):
+            if limit is not None:
+                # any window then holds at most rate * window + one request
+                per_window = max(min(self._util * limit, limit - self._max_tokens), 0.5 * limit)
+                tok_rate = min(tok_rate, per_window / window)
+        self._tok_rate = 0.0 if tok_rate == math.inf else tok_rate
+        self._update_free(now)
+
+    def _update_free(self, now: float) -> None:
+        self._free = not (
+            self._req_interval
+            or self._tok_rate
+            or self._req_budget is not None
+            or self._tok_budget is not None
+            or self._paused_until > now
+        )
+
+    # ------------------------------------------------------------------ reporting
+
+    @property
+    def stats(self) -> LimiterStats:
+        """Counters and the rates in force now."""
+        return LimiterStats(
+            requests=self._seq,
+            tokens_reserved=self._tokens_total,
+            tokens_refunded=self._tokens_refunded,
+            rate_limited=self._rate_limited,
+            pauses=self._pauses,
+            paused_s=self._paused_s,
+            waiting=len(self._waiters),
+            in_flight=self._in_flight,
+            rpm=60.0 / self._req_interval if self._req_interval else None,
+            tpm=60.0 * self._tok_rate if self._tok_rate else None,
+            adaptive_rpm=None if self._rate is None else 60.0 * self._rate,
+            header_rpm=None
+            if self._hdr_req_limit is None
+            else 60.0 * self._hdr_req_limit / self._hdr_req_window,
+            header_tpm=None
+            if self._hdr_tok_limit is None
+            else 60.0 * self._hdr_tok_limit / self._hdr_tok_window,
+        )
+
+
+def _has_rate_headers(headers: Mapping[str, str]) -> bool:
+    return any(name in headers for name in _RATE_HEADERS)
