@@ -36,10 +36,12 @@ class _RedactingFormatter(logging.Formatter):
 
 def _setup_logging(debug: bool, quiet: bool, secrets: Sequence[str]) -> None:
     handler = logging.StreamHandler(sys.stderr)
+    handler.promptmill = True  # type: ignore[attr-defined]
     fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s" if debug else "promptmill: %(message)s"
     handler.setFormatter(_RedactingFormatter(fmt, secrets))
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    # replace our own handler of an earlier call; leave other handlers (an embedding app's) alone
+    root.handlers[:] = [h for h in root.handlers if not getattr(h, "promptmill", False)] + [handler]
     root.setLevel(logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO)
     if not debug:
         for noisy in ("httpx", "httpcore", "uvicorn", "uvicorn.error", "uvicorn.access"):
@@ -103,6 +105,7 @@ def _run(args: argparse.Namespace) -> int:
     from batch.errors import JobStopped
     from batch.runner import RunOptions, run_job
     from batch.spec import load_job
+    from batch.summary import Summary
 
     spec = load_job(args.job, _overrides(args))
     opts = RunOptions(
@@ -112,6 +115,7 @@ def _run(args: argparse.Namespace) -> int:
         progress=False if args.no_progress else None,
     )
     code = 0
+    summary: Summary | None
     try:
         summary = anyio.run(run_job, spec, opts, backend_options={"use_uvloop": _have_uvloop()})
     except JobStopped as exc:

@@ -129,6 +129,7 @@ class RequestError(PromptmillError):
         self.code = code
         self.headers: Mapping[str, str] = headers or {}
         self.row_id = row_id
+        self.attempts: int | None = None  # set by the retry policy when it gives up
         super().__init__(message)
 
 

@@ -233,6 +233,6 @@ class RetryPolicy:
             result: T = await retrying(counted)
         except RequestError as exc:
             exc.row_id = row_id
-            exc.attempts = attempts  # type: ignore[attr-defined]
+            exc.attempts = attempts
             raise
         return result, attempts

@@ -25,6 +25,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +34,15 @@ import httpx
 import orjson
 
 from batch import writer as out
-from batch.client import Client, Timeouts
-from batch.errors import JobFileError, JobStopped, OutputError, RequestError, UsageError
+from batch.client import Client, Reply, Timeouts
+from batch.errors import (
+    APIConnectionError,
+    JobFileError,
+    JobStopped,
+    OutputError,
+    RequestError,
+    UsageError,
+)
 from batch.limiter import Limiter
 from batch.pricing import Price, PriceTable
 from batch.progress import Progress
@@ -185,29 +193,34 @@ class _Job:
 
     async def feed(self, reader: InputReader, builder: RequestBuilder,
                    send: anyio.abc.ObjectSendStream[Request]) -> None:
-        batches: Iterator[list[Row]] = reader.batches()
+        """Read, build and hand out requests, skipping rows an earlier run finished."""
+        async with send:
+            with self.feed_scope:
+                await self._feed(reader.batches(), builder, send)
+
+    async def _feed(self, batches: Iterator[list[Row]], builder: RequestBuilder,
+                    send: anyio.abc.ObjectSendStream[Request]) -> None:
         index = self.index
-        with self.feed_scope, send:
-            while not self.stopping:
-                batch = await anyio.to_thread.run_sync(next, batches, None)
-                if batch is None:
-                    break
-                skipped = 0
-                for row in batch:
-                    error = row_error(row)
-                    if error is not None:
-                        self.failed_row(row, error, "bad_input")
-                        continue
-                    request = builder.build(row)
-                    if index and (request.id, request.fingerprint) in index:
-                        skipped += 1
-                        continue
-                    await send.send(request)
-                    if self.stopping:
-                        break
-                if skipped:
-                    self.summary.rows_skipped += skipped
-                    self.progress.skip(skipped)
+        while not self.stopping:
+            batch = await anyio.to_thread.run_sync(next, batches, None)
+            if batch is None:
+                return
+            skipped = 0
+            for row in batch:
+                error = row_error(row)
+                if error is not None:
+                    self.failed_row(row, error, "bad_input")
+                    continue
+                request = builder.build(row)
+                if index and (request.id, request.fingerprint) in index:
+                    skipped += 1
+                    continue
+                await send.send(request)
+                if self.stopping:
+                    return
+            if skipped:
+                self.summary.rows_skipped += skipped
+                self.progress.skip(skipped)
 
     async def work(self, receive: anyio.abc.ObjectReceiveStream[Request], client: Client,
                    limiter: Limiter, policy: RetryPolicy) -> None:
@@ -217,25 +230,10 @@ class _Job:
                 if self.stopping:
                     break
                 started = clock()
-                body = request.body
-                est = request.est_prompt_tokens + int(body.get("max_tokens") or 0) * int(body.get("n") or 1)
-
-                async def attempt(body: dict[str, Any] = body, est: int = est) -> Any:
-                    reservation = await limiter.acquire(est)
-                    try:
-                        reply = await client.complete(body)
-                    except RequestError as exc:
-                        limiter.settle(reservation, None)
-                        if exc.http_status == 429:
-                            limiter.on_rate_limited(exc.headers)
-                        raise
-                    usage = reply.completion.usage
-                    limiter.settle(reservation, usage.total_tokens if usage else None)
-                    limiter.on_response(reply.headers)
-                    return reply
-
                 try:
-                    reply, attempts = await policy.call(attempt, row_id=request.id)
+                    reply, attempts = await policy.call(
+                        partial(self._attempt, request, client, limiter), row_id=request.id
+                    )
                 except RequestError as exc:
                     exc.row_id = request.id
                     if classify(exc) == "fatal":
@@ -245,7 +243,30 @@ class _Job:
                     continue
                 self.record(self._success(request, reply, attempts))
 
-    def _success(self, request: Request, reply: Any, attempts: int) -> Result:
+    @staticmethod
+    async def _attempt(request: Request, client: Client, limiter: Limiter) -> Reply:
+        """One attempt at one row: wait for the rate budget, send, tell the limiter how it went."""
+        body = request.body
+        # what a server charges at admission: the prompt plus every token the answer may take
+        reserve = request.est_prompt_tokens + int(body.get("max_tokens") or 0) * int(body.get("n") or 1)
+        reservation = await limiter.acquire(reserve)
+        try:
+            reply = await client.complete(body)
+        except APIConnectionError:
+            limiter.release(reservation)
+            raise
+        except RequestError as exc:
+            if exc.http_status == 429:
+                limiter.on_rate_limited(exc.headers, reservation)
+            else:
+                limiter.settle(reservation, None)
+            raise
+        limiter.on_response(reply.headers, reservation)
+        usage = reply.completion.usage
+        # settle against the real prompt size; the answer's share stays reserved as the server counts it
+        limiter.settle(reservation, reserve - request.est_prompt_tokens + usage.prompt_tokens if usage else None)
+        return reply
+    def _success(self, request: Request, reply: Reply, attempts: int) -> Result:
         c = reply.completion
         u = c.usage
         return Result(
@@ -266,7 +287,7 @@ class _Job:
         return Result(
             index=request.index, id=request.id, passthrough=request.passthrough,
             fingerprint=request.fingerprint, model=self.model, endpoint=self.endpoint, status="failed",
-            latency_s=elapsed, attempts=int(getattr(exc, "attempts", 1) or 1), http_status=exc.http_status,
+            latency_s=elapsed, attempts=exc.attempts or 1, http_status=exc.http_status,
             error_code=exc.code or type(exc).__name__, error=exc.message,
         )
 
@@ -355,6 +376,7 @@ async def _run(job: _Job, reader: InputReader, builder: RequestBuilder, api_key:
             max_wait_s=spec.retry.max_wait_s, row_budget_s=spec.retry.row_budget_s,
         ),
         sleep=opts.sleep,
+        limiter=limiter,
     )
     async with _endpoint(spec) as base_url, Client(
         base_url, endpoint=spec.api.endpoint, stream=spec.api.stream, api_key=api_key,

@@ -14,13 +14,14 @@ from batch.records import Result
 __all__ = ["ModelTotals", "Summary", "percentile"]
 
 
-def percentile(values: array, q: float) -> float | None:
+def percentile(values: array[float], q: float) -> float | None:
     """Nearest-rank percentile (q in 0..100) of unsorted values; None when empty."""
     if not values:
         return None
     ordered = sorted(values)
     rank = max(1, round(q / 100 * len(ordered) + 0.5 - 1e-9))
-    return ordered[min(rank, len(ordered)) - 1]
+    value: float = ordered[min(rank, len(ordered)) - 1]
+    return value
 
 
 @dataclass(slots=True)
@@ -55,7 +56,7 @@ class Summary:
     output: str
     rows_skipped: int = 0
     models: dict[str, ModelTotals] = field(default_factory=dict)
-    latencies: array = field(default_factory=lambda: array("d"))
+    latencies: array[float] = field(default_factory=lambda: array("d"))
     wall_s: float = 0.0
     stopped: str | None = None  # why the job ended early, if it did
     errors: dict[str, int] = field(default_factory=dict)

@@ -344,7 +344,7 @@ class ResumeIndex:
     ``hash`` values of the same process, so they never leave it.
     """
 
-    keys: array  # array('q'), sorted
+    keys: array[int]  # array('q'), sorted
     rows_ok: int
     rows_failed: int
 

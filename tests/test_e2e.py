@@ -81,8 +81,6 @@ def test_job_end_to_end(
         assert row["created"] is not None and row["response_id"]
         assert row["cost_usd"] > 0
         assert (row["ttft_s"] is not None) == stream
-    assert table.schema.field("topic").type == pa.string()
-    assert got["p0001"]["topic"] == "t1"
 
     summary = json.loads((outp.parent / "res.parquet.summary.json").read_text())
     stats = sim.stats
