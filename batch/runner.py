@@ -395,9 +395,10 @@ async def _run(job: _Job, reader: InputReader, builder: RequestBuilder, api_key:
                         tg.start_soon(job.work, receive.clone(), client, limiter, policy)
         except* JobStopped:
             job.summary.stopped = str(job.fatal)
-            outer.cancel_scope.cancel()
-            raise job.fatal from None  # type: ignore[misc]
         outer.cancel_scope.cancel()
+    if job.fatal is not None:
+        # raised outside the task groups, so the caller gets it bare, not in an ExceptionGroup
+        raise job.fatal
 
 
 async def _watch_signals(job: _Job, outer: anyio.CancelScope) -> None:

@@ -4,7 +4,8 @@ It answers ``POST /v1/chat/completions`` and ``POST /v1/completions``, streamed
 (server-sent events) or not, with deterministic replies and exact usage, and it
 misbehaves on demand: latency, sliding-window RPM/TPM limits answered with 429
 (OpenAI style with ``x-ratelimit-*`` and ``Retry-After`` headers, or Atoma style,
-bare), seeded faults, a fatal status for every request, and an API-key check.
+bare), seeded faults, a fatal status for every request (or every one after the
+first N), a context length answered with 400, and an API-key check.
 
 Replies are a pure function of the request body (see :func:`reply_for` and
 :func:`count_prompt_tokens`), so a test can compute the text and usage it expects:
@@ -104,6 +105,8 @@ class SimConfig:
     faults: tuple[str, ...] = FAULT_KINDS
     seed: int = 0  # seeds the fault RNG
     fatal_status: int | None = None  # answer every API request with this status
+    fatal_after: int = 0  # ... but only after this many API requests were answered normally
+    context_tokens: int | None = None  # prompt + max_tokens * n above this: 400 context_length_exceeded
     stream_done: bool = True  # end streams with "data: [DONE]" (False: Atoma, EOF after usage)
     usage_every_chunk: bool = False  # cumulative usage in every stream chunk
     keepalive: bool = False  # ":keep-alive" comment lines in streams
@@ -137,6 +140,10 @@ def _validate(config: SimConfig) -> None:
         raise ValueError(f"hang_s must not be negative, not {config.hang_s}")
     if config.fatal_status is not None and not 400 <= config.fatal_status <= 599:
         raise ValueError(f"fatal_status must be a 4xx or 5xx status, not {config.fatal_status}")
+    if config.fatal_after < 0:
+        raise ValueError(f"fatal_after must not be negative, not {config.fatal_after}")
+    if config.context_tokens is not None and config.context_tokens <= 0:
+        raise ValueError(f"context_tokens must be positive, not {config.context_tokens}")
 
 
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {
@@ -150,6 +157,8 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "faults": (list, tuple),
     "seed": (int,),
     "fatal_status": (int, type(None)),
+    "fatal_after": (int,),
+    "context_tokens": (int, type(None)),
     "stream_done": (bool,),
     "usage_every_chunk": (bool,),
     "keepalive": (bool,),
@@ -616,7 +625,7 @@ class SimApp:
                 sim.labels[presented] = label
         sim.by_key[label] = sim.by_key.get(label, 0) + 1
 
-        if config.fatal_status is not None:
+        if config.fatal_status is not None and sim.requests > config.fatal_after:
             status = config.fatal_status
             await self._respond(send, status, _error_body(status, f"simulated fatal status {status}"))
             return
@@ -646,6 +655,13 @@ class SimApp:
             sim.seen.add(seen_key)
         replies = [_reply_from_digest(d, max_tokens) for d in digests]
         prompt_tokens = count_prompt_tokens(body)
+        if config.context_tokens is not None:
+            wanted = prompt_tokens + (max_tokens if max_tokens is not None else replies[0][1]) * n
+            if wanted > config.context_tokens:
+                message = (f"This model's maximum context length is {config.context_tokens} tokens; "
+                           f"the request asks for {wanted} ({prompt_tokens} in the prompt).")
+                await self._respond(send, 400, _error_body(400, message, "context_length_exceeded"))
+                return
 
         limited = config.rpm is not None or config.tpm is not None
         headers: list[tuple[bytes, bytes]] = []
@@ -1039,6 +1055,10 @@ def add_simulator_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--fault-seed", dest="sim_seed", type=int, default=d.seed, help="seed of the fault RNG")
     group.add_argument("--fatal-status", dest="sim_fatal_status", type=int, default=d.fatal_status,
                        help="answer every request with this status (e.g. 401)")
+    group.add_argument("--fatal-after", dest="sim_fatal_after", type=int, default=d.fatal_after,
+                       help="answer this many requests normally before --fatal-status applies")
+    group.add_argument("--context-tokens", dest="sim_context_tokens", type=int, default=d.context_tokens,
+                       help="answer 400 context_length_exceeded above prompt + max_tokens of this many")
     group.add_argument("--no-done", dest="sim_stream_done", action="store_false", default=d.stream_done,
                        help="end streams at EOF after the usage chunk, without data: [DONE] (Atoma style)")
     group.add_argument("--usage-every-chunk", dest="sim_usage_every_chunk", action="store_true",
@@ -1069,6 +1089,8 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         faults=args.sim_faults,
         seed=args.sim_seed,
         fatal_status=args.sim_fatal_status,
+        fatal_after=args.sim_fatal_after,
+        context_tokens=args.sim_context_tokens,
         stream_done=args.sim_stream_done,
         usage_every_chunk=args.sim_usage_every_chunk,
         keepalive=args.sim_keepalive,
