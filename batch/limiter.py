@@ -85,6 +85,9 @@ logger = logging.getLogger(__name__)
 # Pacing tolerance: how early a request may start against its slot. Without it
 # every admission at rates above ~1000/s would cost a timer tick of ~1 ms.
 _TOLERANCE_S = 0.005
+# Lateness a waiter may make up: a timer that fires a little late (a busy event
+# loop, timer resolution) would otherwise cost its slot that time, every slot.
+_LATE_S = 0.015
 # Longest single nap of the head waiter, so rate changes reach it promptly.
 _NAP_S = 1.0
 # Default window of a limit until a reset header says otherwise (per-minute limits).
@@ -254,9 +257,11 @@ class Limiter:
 
         # pacing: the earliest start of the next request / of the next token spend
         self._req_interval = 0.0  # seconds per request, 0 = unpaced
+        self._req_bank = 0.0  # request slots the pace may lag by and catch up (see _recompute)
         self._tok_rate = 0.0  # tokens per second, 0 = unpaced
         self._next_req = -math.inf
         self._next_tok = -math.inf
+        self._tok_credit = 0.0  # seconds of token pace given back since the last admission
         self._max_tokens = 0  # largest single reservation seen
         self._paused_until = -math.inf
         self._free = True  # no limit of any kind: the fast path
@@ -361,9 +366,13 @@ class Limiter:
             if self._tok_rate:
                 self._recompute(now)
         if self._req_interval:
-            self._next_req = max(self._next_req, now) + self._req_interval
+            base = max(self._next_req, now - max(_LATE_S, self._req_bank * self._req_interval))
+            self._next_req = base + self._req_interval
         if self._tok_rate:
-            self._next_tok = max(self._next_tok, now) + tokens / self._tok_rate
+            # Refunds arrive while the head waiter sleeps to its start time; it wakes
+            # after the (now earlier) slot, and that lateness must not be lost.
+            self._next_tok = max(self._next_tok, now - _LATE_S - self._tok_credit) + tokens / self._tok_rate
+            self._tok_credit = 0.0
         if self._req_budget is not None:
             self._req_budget -= 1
         if self._tok_budget is not None:
@@ -407,6 +416,10 @@ class Limiter:
             if refund < 0:  # under-estimated: the overrun is spent from now on at the latest
                 self._next_tok = max(self._next_tok, self._clock())
             self._next_tok -= refund / self._tok_rate
+            if refund > 0:
+                # at most one largest request's worth, so no burst builds up while idle
+                cap = self._max_tokens / self._tok_rate
+                self._tok_credit = min(cap, self._tok_credit + refund / self._tok_rate)
 
     # ------------------------------------------------------------------ feedback
 
@@ -623,6 +636,17 @@ class Limiter:
         if self._rate is not None:
             req_rate = min(req_rate, self._rate)
         self._req_interval = 0.0 if req_rate == math.inf else 1.0 / req_rate
+        # With both paces, a large request held by the token pace leaves its request
+        # slot unused; the next small one may use it (bank up to one slot) rather than
+        # lose it, as long as the window keeps room for it: then any window holds at
+        # most rate * window + two requests. Without it, varied sizes cost ~5 %.
+        bank_room = math.inf
+        for limit in (self._rpm, self._hdr_req_limit):
+            if limit is not None:
+                bank_room = min(bank_room, (1.0 - self._util) * limit - 1.0)
+        if self._rate is not None:
+            bank_room = 0.0  # an adaptive rate knows no room
+        self._req_bank = 0.0
 
         tok_rate = math.inf
         for limit, window in ((self._tpm, 60.0), (self._hdr_tok_limit, self._hdr_tok_window)):
@@ -631,6 +655,8 @@ class Limiter:
                 per_window = max(min(self._util * limit, limit - self._max_tokens), 0.5 * limit)
                 tok_rate = min(tok_rate, per_window / window)
         self._tok_rate = 0.0 if tok_rate == math.inf else tok_rate
+        if self._tok_rate and self._req_interval and bank_room != math.inf:
+            self._req_bank = max(0.0, min(1.0, bank_room))
         self._update_free(now)
 
     def _update_free(self, now: float) -> None:
