@@ -25,7 +25,11 @@ Configured ``rpm`` / ``tpm``
     does not cap throughput. Pacing at ``target_utilization`` (0.98) of the
     limit keeps any 60 s window at most ``0.98 * limit + one request`` and
     leaves room for latency jitter; for tokens, the pace is also lowered by the
-    largest single reservation so that even that extra request fits.
+    largest single reservation so that even that extra request fits. Time the
+    pace would lose is kept: up to 15 ms of a waiter's lateness (a timer firing
+    late on a busy loop), tokens given back by ``settle`` while the head waiter
+    sleeps, and, when both paces hold and the limit leaves room for it, one
+    request slot left unused while a large request waited for tokens.
 
 ``x-ratelimit-*`` headers (OpenAI, gateways)
     ``x-ratelimit-limit-requests`` / ``-tokens`` give the limit; the window is

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import logging
 import random
 import socket
@@ -41,11 +42,11 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from batch.prompts import RequestBuilder  # noqa: E402
-from batch.reader import InputReader  # noqa: E402
-from batch.runner import RunOptions, run_job  # noqa: E402
-from batch.simulator import count_prompt_tokens  # noqa: E402
-from batch.spec import JobSpec, load_job  # noqa: E402
+from batch.prompts import RequestBuilder
+from batch.reader import InputReader
+from batch.runner import RunOptions, run_job
+from batch.simulator import count_prompt_tokens
+from batch.spec import JobSpec, load_job
 
 CASES = {
     "client": ("1. client limits = server's", "openai", True, 0.97, 0.0),
@@ -203,7 +204,7 @@ def run_case(name: str, sim: Simulator, args: argparse.Namespace, workdir: Path)
     allowed_requests = args.limit * seconds / args.window
     allowed_tokens = tpm * seconds / args.window
     points = [recorder.first_sent, *ok_times]
-    stall = max(b - a for a, b in zip(points, points[1:], strict=False))
+    stall = max(b - a for a, b in itertools.pairwise(points))
     if summary.rows_ok != rows:
         print(f"warning: {label}: {summary.rows_ok} of {rows} rows ok", file=sys.stderr)
     return Figures(

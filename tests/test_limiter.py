@@ -596,3 +596,49 @@ async def test_recovers_within_a_few_windows_after_an_outage() -> None:
     # it kept probing through two minutes of 429s and was back at once
     assert longest_gap(server.ok_times, 180, 300) <= window
     assert steady_share(server, 180 + 3 * window, 300) >= 0.85
+
+
+async def drive_varied(vt: VirtualTime, limiter: Limiter, server: Server, *, duration: float,
+                       over_estimate: float = 0.0, workers: int = 32) -> None:
+    """Workers send rows of varied token cost (71 to 106), estimated high by ``over_estimate``
+    and settled against the real cost, as the runner does."""
+    costs = itertools.cycle([71 + (i * 37) % 36 for i in range(97)])
+
+    async def worker() -> None:
+        while vt.now < duration:
+            cost = next(costs)
+            res = await limiter.acquire(round(cost * (1 + over_estimate)))
+            await vt.sleep(0.05)
+            ok, headers = server.admit(cost)
+            await vt.sleep(0.05)
+            if ok:
+                limiter.on_response(headers, res)
+                limiter.settle(res, cost)
+            else:
+                limiter.on_rate_limited(headers, res)
+
+    await run_tasks(vt, *([worker] * workers))
+
+
+async def test_over_estimates_given_back_while_waiters_sleep_are_not_lost() -> None:
+    vt = VirtualTime()
+    window, limit = 10.0, 200
+    tpm_window = limit * 88  # tokens bind: the rows average ~88
+    limiter = Limiter(tpm=tpm_window * 60 / window, clock=vt.clock, sleep=vt.sleep)
+    server = Server(vt, limit=10**9, window=window, tpm=tpm_window)
+    await drive_varied(vt, limiter, server, duration=6 * window, over_estimate=0.1)
+    assert not server.rejected_times
+    tokens = sum(t for _, t in server.accepted)  # the last window's worth
+    assert tokens >= 0.96 * tpm_window
+
+
+async def test_both_limits_binding_with_varied_sizes_keep_full_throughput() -> None:
+    vt = VirtualTime()
+    window, limit = 10.0, 200
+    tpm_window = limit * 88
+    per_minute = 60 / window
+    limiter = Limiter(rpm=limit * per_minute, tpm=tpm_window * per_minute, clock=vt.clock, sleep=vt.sleep)
+    server = Server(vt, limit=limit, window=window, tpm=tpm_window)
+    await drive_varied(vt, limiter, server, duration=6 * window, over_estimate=0.1)
+    assert not server.rejected_times
+    assert steady_share(server, 0, 6 * window) >= 0.95
