@@ -189,6 +189,15 @@ class _Job:
             endpoint=self.endpoint, status="failed", error_code=code, error=message,
         ))
 
+    def stop_now(self, exc: RequestError) -> None:
+        """A fatal answer: every further request would fail the same way, so stop all of them."""
+        if self.fatal is None:
+            self.fatal = JobStopped(_fatal_message(exc), cause=exc)
+            self.summary.stopped = str(self.fatal)
+        self.stopping = True
+        self.feed_scope.cancel()
+        self.workers_scope.cancel()
+
     # -- stages --------------------------------------------------------------
 
     async def feed(self, reader: InputReader, builder: RequestBuilder,
@@ -237,8 +246,8 @@ class _Job:
                 except RequestError as exc:
                     exc.row_id = request.id
                     if classify(exc) == "fatal":
-                        self.fatal = JobStopped(_fatal_message(exc), cause=exc)
-                        raise self.fatal from None
+                        self.stop_now(exc)
+                        return
                     self.record(self._failure(request, exc, clock() - started))
                     continue
                 self.record(self._success(request, reply, attempts))
@@ -353,8 +362,7 @@ async def run_job(spec: JobSpec, opts: RunOptions | None = None) -> Summary:
             progress.close()
             summary.wall_s = opts.clock() - wall_start
             await job.flush()
-            if writer.rows_flushed or output.exists() or out.next_run_number(output) > 1:
-                await anyio.to_thread.run_sync(out.assemble, output, schema)
+            await anyio.to_thread.run_sync(out.assemble, output, schema)
             summary.write_json(output.with_name(output.name + ".summary.json"))
     finally:
         lock.release()
@@ -384,23 +392,20 @@ async def _run(job: _Job, reader: InputReader, builder: RequestBuilder, api_key:
     ) as client, anyio.create_task_group() as outer:
         outer.start_soon(job.flush_forever)
         if opts.handle_signals:
-            outer.start_soon(_watch_signals, job, outer.cancel_scope)
-        try:
-            async with anyio.create_task_group() as tg:
-                job.workers_scope = tg.cancel_scope
-                send, receive = anyio.create_memory_object_stream[Request](max(2 * concurrency, 64))
-                tg.start_soon(job.feed, reader, builder, send)
-                async with receive:
-                    for _ in range(concurrency):
-                        tg.start_soon(job.work, receive.clone(), client, limiter, policy)
-        except* JobStopped:
-            job.summary.stopped = str(job.fatal)
-            outer.cancel_scope.cancel()
-            raise job.fatal from None  # type: ignore[misc]
+            outer.start_soon(_watch_signals, job)
+        async with anyio.create_task_group() as tg:
+            job.workers_scope = tg.cancel_scope
+            send, receive = anyio.create_memory_object_stream[Request](max(2 * concurrency, 64))
+            tg.start_soon(job.feed, reader, builder, send)
+            async with receive:
+                for _ in range(concurrency):
+                    tg.start_soon(job.work, receive.clone(), client, limiter, policy)
         outer.cancel_scope.cancel()
+    if job.fatal is not None:
+        raise job.fatal
 
 
-async def _watch_signals(job: _Job, outer: anyio.CancelScope) -> None:
+async def _watch_signals(job: _Job) -> None:
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
             if job.opts.exit_signal is None:
