@@ -40,6 +40,7 @@ from batch.errors import (
     JobFileError,
     JobStopped,
     OutputError,
+    PromptmillError,
     RequestError,
     UsageError,
 )
@@ -306,6 +307,17 @@ class _Job:
                 await anyio.to_thread.run_sync(self.writer.write, table)
 
 
+def _first_promptmill_error(group: BaseExceptionGroup[BaseException]) -> PromptmillError | None:
+    for exc in group.exceptions:
+        if isinstance(exc, PromptmillError):
+            return exc
+        if isinstance(exc, BaseExceptionGroup):
+            found = _first_promptmill_error(exc)
+            if found is not None:
+                return found
+    return None
+
+
 def _fatal_message(exc: RequestError) -> str:
     what = {401: "the API key was refused (401)", 402: "payment required (402): the balance is spent",
             403: "access forbidden (403)"}.get(exc.http_status or 0, f"the quota is spent ({exc.http_status}, {exc.code})")
@@ -321,6 +333,7 @@ async def run_job(spec: JobSpec, opts: RunOptions | None = None) -> Summary:
     out.check_output_writable(output)
     reader = InputReader(spec.input)
     reader.check_ids()
+    reader.check_rows()
     builder = RequestBuilder(spec)
     identity = job_identity(spec)
     schema = out.output_schema(reader.passthrough_schema, _metadata(spec, identity))
@@ -349,6 +362,12 @@ async def run_job(spec: JobSpec, opts: RunOptions | None = None) -> Summary:
         job = _Job(spec, opts, writer, summary, index, progress)
         try:
             await _run(job, reader, builder, api_key)
+        except ExceptionGroup as group:
+            # one of ours from inside the task group (a damaged input, an unwritable part): one line, not a tree
+            first = _first_promptmill_error(group)
+            if first is None:
+                raise
+            raise first from None
         finally:
             progress.close()
             summary.wall_s = opts.clock() - wall_start
