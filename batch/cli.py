@@ -48,6 +48,16 @@ def _setup_logging(debug: bool, quiet: bool, secrets: Sequence[str]) -> None:
             logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def _redact_also(secret: str | None) -> None:
+    if not secret or len(secret) < 4:
+        return
+    for handler in logging.getLogger().handlers:
+        formatter = handler.formatter
+        if getattr(handler, "promptmill", False) and isinstance(formatter, _RedactingFormatter):
+            if secret not in formatter._secrets:
+                formatter._secrets.append(secret)
+
+
 def _add_run_parser(sub: Any) -> None:
     p = sub.add_parser(
         "run",
@@ -108,6 +118,7 @@ def _run(args: argparse.Namespace) -> int:
     from batch.summary import Summary
 
     spec = load_job(args.job, _overrides(args))
+    _redact_also(os.environ.get(spec.api.api_key_env))  # a variable named by the job file only
     opts = RunOptions(
         fresh=args.fresh,
         retry_failed=not args.no_retry_failed,
