@@ -53,9 +53,8 @@ def _redact_also(secret: str | None) -> None:
         return
     for handler in logging.getLogger().handlers:
         formatter = handler.formatter
-        if getattr(handler, "promptmill", False) and isinstance(formatter, _RedactingFormatter):
-            if secret not in formatter._secrets:
-                formatter._secrets.append(secret)
+        if isinstance(formatter, _RedactingFormatter) and secret not in formatter._secrets:
+            formatter._secrets.append(secret)
 
 
 def _add_run_parser(sub: Any) -> None:
