@@ -43,9 +43,9 @@ def _setup_logging(debug: bool, quiet: bool, secrets: Sequence[str]) -> None:
     # replace our own handler of an earlier call; leave other handlers (an embedding app's) alone
     root.handlers[:] = [h for h in root.handlers if not getattr(h, "promptmill", False)] + [handler]
     root.setLevel(logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO)
-    if not debug:
-        for noisy in ("httpx", "httpcore", "uvicorn", "uvicorn.error", "uvicorn.access"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
+    # set both ways: an earlier call in this process (an Airflow worker) may have quietened them
+    for noisy in ("httpx", "httpcore", "uvicorn", "uvicorn.error", "uvicorn.access"):
+        logging.getLogger(noisy).setLevel(logging.NOTSET if debug else logging.WARNING)
 
 
 def _redact_also(secret: str | None) -> None:
