@@ -366,7 +366,7 @@ async def run_job(spec: JobSpec, opts: RunOptions | None = None) -> Summary:
         try:
             await _run(job, reader, builder, api_key)
         except ExceptionGroup as group:
-            # one of ours from inside the task group (a damaged input, an unwritable part): one line, not a tree
+            # one of ours from inside the task group (a Parquet input damaged past its first rows): one line, not a tree
             first = _first_promptmill_error(group)
             if first is None:
                 raise
