@@ -40,6 +40,7 @@ from batch.errors import (
     JobFileError,
     JobStopped,
     OutputError,
+    PromptmillError,
     RequestError,
     UsageError,
 )
@@ -125,6 +126,9 @@ def job_identity(spec: JobSpec) -> dict[str, Any]:
 def _metadata(spec: JobSpec, identity: dict[str, Any]) -> dict[bytes, bytes]:
     # the settings of the job, for audit; the key variable's name is in them, never its value
     settings = spec.model_dump(mode="json")
+    if isinstance(settings.get("simulator"), dict) and settings["simulator"].get("api_key") is not None:
+        # the key a built-in simulator expects is the job's real key too, as often as not
+        settings["simulator"]["api_key"] = "***"
     doc = {"identity": identity, "settings": settings, "promptmill": _version()}
     return {out.METADATA_KEY: orjson.dumps(doc, default=str)}
 
@@ -315,6 +319,17 @@ class _Job:
                 await anyio.to_thread.run_sync(self.writer.write, table)
 
 
+def _first_promptmill_error(group: BaseExceptionGroup[BaseException]) -> PromptmillError | None:
+    for exc in group.exceptions:
+        if isinstance(exc, PromptmillError):
+            return exc
+        if isinstance(exc, BaseExceptionGroup):
+            found = _first_promptmill_error(exc)
+            if found is not None:
+                return found
+    return None
+
+
 def _fatal_message(exc: RequestError) -> str:
     what = {401: "the API key was refused (401)", 402: "payment required (402): the balance is spent",
             403: "access forbidden (403)"}.get(exc.http_status or 0, f"the quota is spent ({exc.http_status}, {exc.code})")
@@ -330,6 +345,7 @@ async def run_job(spec: JobSpec, opts: RunOptions | None = None) -> Summary:
     out.check_output_writable(output)
     reader = InputReader(spec.input)
     reader.check_ids()
+    reader.check_rows()
     builder = RequestBuilder(spec)
     identity = job_identity(spec)
     schema = out.output_schema(reader.passthrough_schema, _metadata(spec, identity))
@@ -358,6 +374,12 @@ async def run_job(spec: JobSpec, opts: RunOptions | None = None) -> Summary:
         job = _Job(spec, opts, writer, summary, index, progress)
         try:
             await _run(job, reader, builder, api_key)
+        except ExceptionGroup as group:
+            # one of ours from inside the task group (a Parquet input damaged past its first rows): one line, not a tree
+            first = _first_promptmill_error(group)
+            if first is None:
+                raise
+            raise first from None
         finally:
             progress.close()
             summary.wall_s = opts.clock() - wall_start

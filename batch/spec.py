@@ -226,7 +226,13 @@ class ApiSpec(BaseModel):
     def _url(cls, value: str, info: ValidationInfo) -> str:
         if value == "simulator":
             return value
-        parts = urlsplit(value)
+        if any(ch.isspace() or not ch.isprintable() for ch in value):
+            raise ValueError("must not contain spaces or control characters")
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 - urlsplit checks the port only when it is read
+        except ValueError as exc:
+            raise ValueError(f"cannot be parsed as a URL: {exc}") from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError('must be an http(s) URL like https://api.atoma.network/v1, or "simulator"')
         if parts.username or parts.password:
