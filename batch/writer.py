@@ -289,7 +289,10 @@ class PartWriter:
         """Write one part durably (safe to call from a worker thread)."""
         self._part += 1
         path = self._folder / f"run-{self.run:04d}-part-{self._part:06d}.parquet"
-        _write_atomically(table, path)
+        try:
+            _write_atomically(table, path)
+        except OSError as exc:
+            raise OutputError(f"cannot save progress: {exc.strerror or exc}", path=path) from None
         self.rows_flushed += table.num_rows
         return path
 
