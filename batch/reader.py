@@ -391,8 +391,31 @@ class InputReader:
         """
         if self.fail_rows:
             return
+        if self.format == "parquet" and self.mode != "messages":
+            # the only row problems here are nulls: Arrow counts them without building rows
+            self._check_parquet_nulls()
+            return
         for _ in self.batches(_ID_CHUNK):
             pass
+
+    def _check_parquet_nulls(self) -> None:
+        assert self._pf is not None
+        columns = [c for c in (self.id_column, self.spec.prompt_column if self.mode == "prompt" else None) if c]
+        columns += list(self.template_columns)
+        if not columns:
+            return
+        offset = 0
+        try:
+            for rb in self._pf.iter_batches(batch_size=65536, columns=columns):
+                for name, arr in zip(rb.schema.names, rb.columns, strict=True):
+                    if arr.null_count:
+                        first = pc.index(arr.is_null(), True).as_py()
+                        what = ("null id" if name == self.id_column else "null prompt" if self.mode == "prompt"
+                                else "null value used by prompt_template")
+                        raise self._error(what, offset + first + 1, name)
+                offset += rb.num_rows
+        except (pa.ArrowException, OSError) as exc:
+            raise self._error(f"cannot read row {offset + 1} onwards: the Parquet file is damaged ({exc})") from None
 
     # --- rows --------------------------------------------------------------------
 
