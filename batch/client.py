@@ -21,6 +21,7 @@ constant objects once per client, and logs nothing per request.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import re
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -426,10 +427,26 @@ class _CappedResponse:
 
     async def aiter_text(self) -> AsyncIterator[str]:
         seen = 0
-        async for text in self._response.aiter_text():
+        async for text in self._texts():
             seen += len(text)
             if seen > self._limit:
                 raise ResponseError(f"response stream is larger than {self._limit} bytes")
+            yield text
+
+    async def _texts(self) -> AsyncIterator[str]:
+        response = self._response
+        if "content-encoding" in response.headers:
+            async for text in response.aiter_text():
+                yield text
+            return
+        # What aiter_text does for an unencoded body, without its per-chunk machinery.
+        decoder = codecs.getincrementaldecoder(response.encoding or "utf-8")(errors="replace")
+        async for chunk in _body_chunks(response):
+            text = decoder.decode(chunk)
+            if text:
+                yield text
+        text = decoder.decode(b"", True)
+        if text:
             yield text
 
 
