@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import logging
 import re
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -40,6 +41,8 @@ from batch import __version__
 from batch.errors import APIConnectionError, APIStatusError, RequestError, ResponseError
 from batch.records import Completion, Usage
 from batch.transport import default_transport
+
+_log = logging.getLogger(__name__)
 
 __all__ = ["Client", "Reply", "StreamAssembler", "Timeouts", "parse_completion"]
 
@@ -579,6 +582,9 @@ class Client:
         try:
             response.request = request
             status = response.status_code
+            if _log.isEnabledFor(logging.DEBUG):
+                # the URL and status only: headers carry the key
+                _log.debug("POST %s: HTTP %d after %.3f s", self._url, status, self._clock() - started)
             if not 200 <= status < 300:
                 raise await self._status_error(response)
             if self._stream and "json" not in response.headers.get("content-type", ""):
