@@ -135,19 +135,29 @@ class OutputLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        while True:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                holder = ""
+                with contextlib.suppress(OSError, ValueError):
+                    holder = f" (process {int(self.path.read_text().strip())})"
+                raise OutputError(
+                    f"another promptmill run is writing this output{holder}; wait for it or choose another output",
+                    path=self.output,
+                ) from None
+            # The run that held it may have removed the folder (lock file included) as it
+            # finished: a lock on that deleted file protects nothing, so take the new one.
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
             os.close(fd)
-            holder = ""
-            with contextlib.suppress(OSError, ValueError):
-                holder = f" (process {int(self.path.read_text().strip())})"
-            raise OutputError(
-                f"another promptmill run is writing this output{holder}; wait for it or choose another output",
-                path=self.output,
-            ) from None
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self._fd = fd
