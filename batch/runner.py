@@ -213,8 +213,8 @@ class _Job:
                 if error is not None:
                     self.failed_row(row, error, "bad_input")
                     continue
-                request = builder.build(row)
-                if index and (request.id, request.fingerprint) in index:
+                request = builder.build_unless_done(row, index) if index else builder.build(row)
+                if request is None:
                     skipped += 1
                     continue
                 await send.send(request)

@@ -92,6 +92,8 @@ _RESULT_NAMES = tuple(f.name for f in RESULT_FIELDS)
 _DIRECT = tuple(n for n in _RESULT_NAMES if n != "request_fingerprint")
 
 METADATA_KEY = b"promptmill.job"
+# between id and request fingerprint in a resume key (a fingerprint is hex, so never holds it)
+_KEY_SEP = "\x1f"
 _PART_RE = re.compile(r"^run-(\d{4,})-part-(\d{6,})\.parquet$")
 
 
@@ -359,7 +361,7 @@ class ResumeIndex:
     rows_failed: int
 
     def __contains__(self, key: tuple[str, str]) -> bool:
-        h = hash(key)
+        h = hash(f"{key[0]}{_KEY_SEP}{key[1]}")
         keys = self.keys
         i = bisect_left(keys, h)
         return i < len(keys) and keys[i] == h
@@ -369,16 +371,35 @@ class ResumeIndex:
 
 
 def load_index(output: Path, *, include_failed: bool = False) -> ResumeIndex:
-    """What earlier runs finished: the newest row of each id, if ok (or failed too, when asked)."""
-    all_rows, _ = _latest_rows(_sources(output))
+    """What earlier runs finished: the newest row of each id, if ok (or failed too, when asked).
+
+    Fast on a million rows: three columns are read, the keys are joined in Arrow,
+    hashed by ``map(hash, ...)`` and sorted in Arrow; no per-row Python loop.
+    """
+    sources = _sources(output)
+    all_rows, _ = _latest_rows(sources)
     if all_rows.num_rows == 0:
         return ResumeIndex(array("q"), 0, 0)
-    latest = all_rows.filter(_winners(all_rows))
-    ok = pc.equal(latest["status"], "ok")
+    # an assembled output alone holds each id once: only parts can repeat one
+    latest = all_rows if sources == [output] else all_rows.filter(_winners(all_rows))
+    ok = pc.fill_null(pc.equal(latest["status"], "ok"), False)
     rows_ok = pc.sum(ok).as_py() or 0
     keep = latest if include_failed else latest.filter(ok)
-    keys = array("q", sorted(hash(k) for k in zip(keep["id"].to_pylist(), keep["request_fingerprint"].to_pylist(), strict=True)))
-    return ResumeIndex(keys, rows_ok, latest.num_rows - rows_ok)
+    joined = pc.binary_join_element_wise(
+        keep["id"], pc.fill_null(keep["request_fingerprint"], ""), _KEY_SEP
+    ).to_pylist()
+    return ResumeIndex(_sorted_keys(array("q", map(hash, joined))), rows_ok, latest.num_rows - rows_ok)
+
+
+def _sorted_keys(keys: array[int]) -> array[int]:
+    """Sort 64-bit keys in Arrow (a few times faster than ``sorted`` on a million)."""
+    if not keys:
+        return keys
+    arr = pa.Array.from_buffers(pa.int64(), len(keys), [None, pa.py_buffer(keys)])
+    ordered = pc.take(arr, pc.sort_indices(arr))
+    out = array("q")
+    out.frombytes(memoryview(ordered.buffers()[1])[: len(keys) * 8])
+    return out
 
 
 def _iter_source_batches(path: Path, schema: pa.Schema) -> Iterator[pa.RecordBatch]:
