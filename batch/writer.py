@@ -352,8 +352,8 @@ def _winners(all_rows: pa.Table) -> pa.Array:
 class ResumeIndex:
     """The (id, request fingerprint) keys a rerun may skip, as a sorted array of hashes.
 
-    8 bytes a finished row: a million-row output costs 8 MB. Keys are Python
-    ``hash`` values of the same process, so they never leave it.
+    8 bytes a finished row: a million-row output costs 8 MB. A key is the Python
+    ``hash`` of ``id + "\\x1f" + fingerprint`` in this process, so it never leaves it.
     """
 
     keys: array[int]  # array('q'), sorted

@@ -202,6 +202,15 @@ def test_sigint_waits_for_requests_in_flight_and_a_second_signal_stops_at_once(t
         kept = {r["id"] for r in output_rows(outp)}
         assert flushed <= kept
 
+        # one signal, and requests that outlast the grace period: it stops when the period ends
+        before = requests(sim)
+        proc = start(job, "--grace-period", "0.5")
+        wait_for(lambda: requests(sim) > before, proc)
+        proc.send_signal(signal.SIGTERM)
+        code, out, err = finish(proc, timeout=10)
+        assert code == 143, err
+        assert {r["id"] for r in output_rows(outp)} == kept
+
 
 def test_changing_the_model_redoes_every_row_and_changing_nothing_redoes_none(
     sim: SimServer, tmp_path: Path
