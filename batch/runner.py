@@ -69,8 +69,8 @@ class RunOptions:
     retry_failed: bool = True
     grace_s: float = 30.0
     progress: bool | None = None  # None: a bar when stderr is a terminal
-    flush_rows: int = 500
-    flush_s: float = 2.0
+    flush_rows: int | None = None  # None: the job's output.flush_rows
+    flush_s: float | None = None  # None: the job's output.flush_s
     handle_signals: bool = True
     transport: httpx.AsyncBaseTransport | None = None
     clock: Callable[[], float] = time.perf_counter
@@ -172,6 +172,8 @@ class _Job:
         self.prices = PriceTable(
             {m: Price(p.input, p.output, p.cached_input) for m, p in spec.pricing.items()}
         )
+        self.flush_rows = opts.flush_rows or spec.output.flush_rows
+        self.flush_s = opts.flush_s or spec.output.flush_s
         self.stopping = False
         self.flush_due = anyio.Event()
         self.fatal: JobStopped | None = None
@@ -184,7 +186,7 @@ class _Job:
         self.writer.add(result)
         self.summary.add(result)
         self.progress.update(result.status == "ok")
-        if len(self.writer) >= self.opts.flush_rows:
+        if len(self.writer) >= self.flush_rows:
             self.flush_due.set()
 
     def failed_row(self, row: Row, message: str, code: str) -> None:
@@ -224,8 +226,8 @@ class _Job:
                 if error is not None:
                     self.failed_row(row, error, "bad_input")
                     continue
-                request = builder.build(row)
-                if index and (request.id, request.fingerprint) in index:
+                request = builder.build_unless_done(row, index) if index else builder.build(row)
+                if request is None:
                     skipped += 1
                     continue
                 await send.send(request)
@@ -306,7 +308,7 @@ class _Job:
 
     async def flush_forever(self) -> None:
         while True:
-            with anyio.move_on_after(self.opts.flush_s):
+            with anyio.move_on_after(self.flush_s):
                 await self.flush_due.wait()
             self.flush_due = anyio.Event()
             await self.flush()
@@ -386,9 +388,10 @@ async def run_job(spec: JobSpec, opts: RunOptions | None = None) -> Summary:
             await job.flush()
             await anyio.to_thread.run_sync(out.assemble, output, schema)
             summary.write_json(output.with_name(output.name + ".summary.json"))
+        # while the lock is held: a run starting now must not see the folder vanish under it
+        out.remove_parts_dir(output)
     finally:
         lock.release()
-    out.remove_parts_dir(output)
     return summary
 
 

@@ -19,6 +19,8 @@ input and output paths and the API base URL has defaults)::
 
     [output]
     path = "out/{job}-{date}.parquet"      # {date} is the UTC date (YYYY-MM-DD), {job} the job name
+    flush_rows = 500                       # finished rows are made durable every N rows ...
+    flush_s = 2.0                          # ... or every S seconds, whichever comes first
 
     [api]
     base_url = "https://api.atoma.network/v1"   # "simulator" starts the built-in simulator
@@ -168,11 +170,17 @@ class InputSpec(BaseModel):
 
 
 class OutputSpec(BaseModel):
-    """Where the results go; ``path`` may hold ``{date}`` and ``{job}``."""
+    """Where the results go; ``path`` may hold ``{date}`` and ``{job}``.
+
+    Finished rows are written to disk as a part every ``flush_rows`` rows or
+    ``flush_s`` seconds, whichever comes first: a kill loses at most those.
+    """
 
     model_config = _FROZEN
 
     path: str
+    flush_rows: PositiveInt = 500
+    flush_s: PositiveFloat = 2.0
 
     @field_validator("path")
     @classmethod
