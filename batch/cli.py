@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 __all__ = ["main"]
 
@@ -43,9 +43,18 @@ def _setup_logging(debug: bool, quiet: bool, secrets: Sequence[str]) -> None:
     # replace our own handler of an earlier call; leave other handlers (an embedding app's) alone
     root.handlers[:] = [h for h in root.handlers if not getattr(h, "promptmill", False)] + [handler]
     root.setLevel(logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO)
-    if not debug:
-        for noisy in ("httpx", "httpcore", "uvicorn", "uvicorn.error", "uvicorn.access"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
+    # set both ways: an earlier call in this process (an Airflow worker) may have quietened them
+    for noisy in ("httpx", "httpcore", "uvicorn", "uvicorn.error", "uvicorn.access"):
+        logging.getLogger(noisy).setLevel(logging.NOTSET if debug else logging.WARNING)
+
+
+def _redact_also(secret: str | None) -> None:
+    if not secret or len(secret) < 4:
+        return
+    for handler in logging.getLogger().handlers:
+        formatter = handler.formatter
+        if isinstance(formatter, _RedactingFormatter) and secret not in formatter._secrets:
+            formatter._secrets.append(secret)
 
 
 def _add_run_parser(sub: Any) -> None:
@@ -108,6 +117,7 @@ def _run(args: argparse.Namespace) -> int:
     from batch.summary import Summary
 
     spec = load_job(args.job, _overrides(args))
+    _redact_also(os.environ.get(spec.api.api_key_env))  # a variable named by the job file only
     opts = RunOptions(
         fresh=args.fresh,
         retry_failed=not args.no_retry_failed,
@@ -147,10 +157,17 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a mistake is one line (and exit code 2) like every other bad input."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
     from batch import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="promptmill",
         description="Run large batches of LLM completions against an OpenAI-compatible API.",
     )

@@ -20,6 +20,9 @@ constant objects once per client, and logs nothing per request.
 
 from __future__ import annotations
 
+import asyncio
+import codecs
+import logging
 import re
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -37,6 +40,9 @@ from httpx_sse import EventSource, SSEError
 from batch import __version__
 from batch.errors import APIConnectionError, APIStatusError, RequestError, ResponseError
 from batch.records import Completion, Usage
+from batch.transport import default_transport
+
+_log = logging.getLogger(__name__)
 
 __all__ = ["Client", "Reply", "StreamAssembler", "Timeouts", "parse_completion"]
 
@@ -44,6 +50,14 @@ _PATHS: Final = {"chat": "/chat/completions", "completions": "/completions"}
 _MESSAGE_CHARS: Final = 300  # the server's message is cut to this in our errors
 _SNIPPET_CHARS: Final = 80  # how much of an unusable 2xx body an error quotes
 _ERROR_BODY_BYTES: Final = 64 * 1024  # enough of an error body to find its message
+
+try:  # what httpx.AsyncClient asks for: every encoding this httpx can decode
+    from httpx._decoders import SUPPORTED_DECODERS
+
+    _ENCODINGS: tuple[str, ...] = tuple(name for name in SUPPORTED_DECODERS if name != "identity")
+except ImportError:  # pragma: no cover - httpx moved it; gzip and deflate it always decodes
+    _ENCODINGS = ("gzip", "deflate")
+_ACCEPT_ENCODING: Final = ", ".join(_ENCODINGS).encode("ascii")
 
 
 @dataclass(frozen=True, slots=True)
@@ -416,10 +430,26 @@ class _CappedResponse:
 
     async def aiter_text(self) -> AsyncIterator[str]:
         seen = 0
-        async for text in self._response.aiter_text():
+        async for text in self._texts():
             seen += len(text)
             if seen > self._limit:
                 raise ResponseError(f"response stream is larger than {self._limit} bytes")
+            yield text
+
+    async def _texts(self) -> AsyncIterator[str]:
+        response = self._response
+        if "content-encoding" in response.headers:
+            async for text in response.aiter_text():
+                yield text
+            return
+        # What aiter_text does for an unencoded body, without its per-chunk machinery.
+        decoder = codecs.getincrementaldecoder(response.encoding or "utf-8")(errors="replace")
+        async for chunk in _body_chunks(response):
+            text = decoder.decode(chunk)
+            if text:
+                yield text
+        text = decoder.decode(b"", True)
+        if text:
             yield text
 
 
@@ -456,22 +486,25 @@ class Client:
         self._clock = clock
         self._max_body = max_body_bytes
         self._url = httpx.URL(base_url.rstrip("/") + _PATHS[endpoint])
-        headers = {
-            "Accept": "text/event-stream" if stream else "application/json",
-            "Content-Type": "application/json",
-            "User-Agent": f"promptmill/{__version__}",
-        }
+        # The headers httpx.AsyncClient would send, built once: every request differs only
+        # in its Content-Length. No cookie jar: an API batch has no use for cookies.
+        headers = [
+            (b"Host", self._url.netloc),
+            (b"Accept", b"text/event-stream" if stream else b"application/json"),
+            (b"Accept-Encoding", _ACCEPT_ENCODING),
+            (b"Connection", b"keep-alive"),
+            (b"User-Agent", f"promptmill/{__version__}".encode("ascii")),
+            (b"Content-Type", b"application/json"),
+        ]
         if self._api_key is not None:
-            headers["Authorization"] = f"Bearer {self._api_key}"
-        self._http = httpx.AsyncClient(
-            headers=headers,
-            timeout=httpx.Timeout(
-                connect=timeouts.connect, read=timeouts.read, write=timeouts.write, pool=None
-            ),
-            limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
-            transport=transport,
-            # An injected transport is the whole network: no proxies from the environment.
-            trust_env=transport is None,
+            headers.append((b"Authorization", f"Bearer {self._api_key}".encode()))
+        self._headers: Final = headers
+        self._extensions: Final = {
+            "timeout": {"connect": timeouts.connect, "read": timeouts.read, "write": timeouts.write, "pool": None}
+        }
+        # An injected transport is the whole network: no proxies from the environment.
+        self._transport: Final = (
+            transport if transport is not None else default_transport(self._url, concurrency, trust_env=True)
         )
         self._timeout_messages: dict[type[httpx.TimeoutException], str] = {
             httpx.ConnectTimeout: f"connect timed out after {timeouts.connect:g}s",
@@ -492,7 +525,7 @@ class Client:
         await self.aclose()
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        await self._transport.aclose()
 
     async def complete(self, body: dict[str, Any]) -> Reply:
         """Send one request body; return the parsed answer or raise a ``RequestError``."""
@@ -510,6 +543,11 @@ class Client:
         content = orjson.dumps(payload)
         started = self._clock()
         try:
+            if _on_asyncio():
+                # asyncio's own timeout costs half of anyio's cancel scope; same TimeoutError,
+                # and an enclosing anyio cancel scope still wins when both fire.
+                async with asyncio.timeout(self._total):
+                    return await self._send(content, started)
             with anyio.fail_after(self._total):
                 return await self._send(content, started)
         except TimeoutError:
@@ -530,8 +568,23 @@ class Client:
             raise self._redact(exc) from None
 
     async def _send(self, content: bytes, started: float) -> Reply:
-        async with self._http.stream("POST", self._url, content=content) as response:
+        # What httpx.AsyncClient.stream() does for us, minus its per-request overhead
+        # (header merging, auth and redirect flows, cookie extraction): straight to the transport.
+        request = httpx.Request(
+            "POST",
+            self._url,
+            headers=httpx.Headers([*self._headers, (b"Content-Length", b"%d" % len(content))]),
+            stream=httpx.ByteStream(content),
+            extensions=self._extensions,
+        )
+        request.read()  # the body is in memory; lets transports use request.content
+        response = await self._transport.handle_async_request(request)
+        try:
+            response.request = request
             status = response.status_code
+            if _log.isEnabledFor(logging.DEBUG):
+                # the URL and status only: headers carry the key
+                _log.debug("POST %s: HTTP %d after %.3f s", self._url, status, self._clock() - started)
             if not 200 <= status < 300:
                 raise await self._status_error(response)
             if self._stream and "json" not in response.headers.get("content-type", ""):
@@ -539,6 +592,8 @@ class Client:
             else:
                 # A non-stream request, or a server that ignored "stream": a JSON body.
                 completion = parse_completion(await self._read_body(response), self._endpoint)
+        finally:
+            await response.aclose()
         return Reply(completion, status, response.headers, self._clock() - started)
 
     async def _read_body(self, response: httpx.Response) -> bytes:
@@ -548,7 +603,7 @@ class Client:
             raise ResponseError(f"response body is {length} bytes, over the {limit}-byte limit")
         chunks: list[bytes] = []
         size = 0
-        async for chunk in response.aiter_bytes():
+        async for chunk in _body_chunks(response):
             size += len(chunk)
             if size > limit:
                 raise ResponseError(f"response body is larger than {limit} bytes")
@@ -605,6 +660,22 @@ class Client:
             headers=exc.headers,
             row_id=exc.row_id,
         )
+
+
+def _on_asyncio() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:  # another anyio backend (trio)
+        return False
+    return True
+
+
+def _body_chunks(response: httpx.Response) -> AsyncIterator[bytes]:
+    """The decoded body; without a Content-Encoding that is the raw stream, read without
+    httpx's decoder, chunker and context managers around every chunk."""
+    if "content-encoding" in response.headers:
+        return response.aiter_bytes()
+    return aiter(cast(httpx.AsyncByteStream, response.stream))
 
 
 def _transport_message(exc: httpx.TransportError) -> str:

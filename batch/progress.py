@@ -45,7 +45,7 @@ class Progress:
             self.failed += 1
         if self._bar is not None:
             self._bar.update(1)
-        elif self.done % 256 == 0:
+        elif self.done % 64 == 0:  # the clock is read every 64 rows, not every row
             now = self._clock()
             if now >= self._next_log:
                 self._next_log = now + self._log_every_s

@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -34,6 +34,12 @@ from batch.spec import JobSpec
 __all__ = ["RequestBuilder", "estimate_prompt_tokens"]
 
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
+
+
+class Done(Protocol):
+    """The ``(id, request fingerprint)`` keys an earlier run finished (``batch.writer.ResumeIndex``)."""
+
+    def __contains__(self, key: tuple[str, str], /) -> bool: ...
 _PER_MESSAGE = 4
 
 
@@ -96,6 +102,26 @@ class RequestBuilder:
 
     def build(self, row: Row) -> Request:
         """The request for ``row`` (not for an error row: see ``batch.reader.row_error``)."""
+        body, est, digest = self._body(row)
+        return Request(row.index, row.id, body, self._passthrough(row), est, digest)
+
+    def build_unless_done(self, row: Row, done: Done) -> Request | None:
+        """The request for ``row``, or None when ``(id, fingerprint)`` is in ``done``.
+
+        A rerun of a large job skips most rows: this makes no :class:`Request` for them.
+        """
+        body, est, digest = self._body(row)
+        if (row.id, digest) in done:
+            return None
+        return Request(row.index, row.id, body, self._passthrough(row), est, digest)
+
+    def _passthrough(self, row: Row) -> Mapping[str, Any]:
+        if not self.passthrough:
+            return _EMPTY
+        values = row.values
+        return {name: values.get(name) for name in self.passthrough}
+
+    def _body(self, row: Row) -> tuple[dict[str, Any], int, str]:
         body: dict[str, Any] = {"model": self.model}
         if self.chat:
             if row.messages is not None:
@@ -124,9 +150,4 @@ class RequestBuilder:
             b"[" + self._endpoint_json + b"," + orjson.dumps(body, option=orjson.OPT_SORT_KEYS) + b"]",
             digest_size=16,
         ).hexdigest()
-        if self.passthrough:
-            values = row.values
-            passthrough: Mapping[str, Any] = {name: values.get(name) for name in self.passthrough}
-        else:
-            passthrough = _EMPTY
-        return Request(row.index, row.id, body, passthrough, est, digest)
+        return body, est, digest

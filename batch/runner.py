@@ -40,6 +40,7 @@ from batch.errors import (
     JobFileError,
     JobStopped,
     OutputError,
+    PromptmillError,
     RequestError,
     UsageError,
 )
@@ -68,8 +69,8 @@ class RunOptions:
     retry_failed: bool = True
     grace_s: float = 30.0
     progress: bool | None = None  # None: a bar when stderr is a terminal
-    flush_rows: int = 500
-    flush_s: float = 2.0
+    flush_rows: int | None = None  # None: the job's output.flush_rows
+    flush_s: float | None = None  # None: the job's output.flush_s
     handle_signals: bool = True
     transport: httpx.AsyncBaseTransport | None = None
     clock: Callable[[], float] = time.perf_counter
@@ -125,6 +126,9 @@ def job_identity(spec: JobSpec) -> dict[str, Any]:
 def _metadata(spec: JobSpec, identity: dict[str, Any]) -> dict[bytes, bytes]:
     # the settings of the job, for audit; the key variable's name is in them, never its value
     settings = spec.model_dump(mode="json")
+    if isinstance(settings.get("simulator"), dict) and settings["simulator"].get("api_key") is not None:
+        # the key a built-in simulator expects is the job's real key too, as often as not
+        settings["simulator"]["api_key"] = "***"
     doc = {"identity": identity, "settings": settings, "promptmill": _version()}
     return {out.METADATA_KEY: orjson.dumps(doc, default=str)}
 
@@ -168,6 +172,8 @@ class _Job:
         self.prices = PriceTable(
             {m: Price(p.input, p.output, p.cached_input) for m, p in spec.pricing.items()}
         )
+        self.flush_rows = opts.flush_rows or spec.output.flush_rows
+        self.flush_s = opts.flush_s or spec.output.flush_s
         self.stopping = False
         self.flush_due = anyio.Event()
         self.fatal: JobStopped | None = None
@@ -180,7 +186,7 @@ class _Job:
         self.writer.add(result)
         self.summary.add(result)
         self.progress.update(result.status == "ok")
-        if len(self.writer) >= self.opts.flush_rows:
+        if len(self.writer) >= self.flush_rows:
             self.flush_due.set()
 
     def failed_row(self, row: Row, message: str, code: str) -> None:
@@ -188,6 +194,15 @@ class _Job:
             index=row.index, id=row.id, passthrough=row.values, fingerprint="", model=self.model,
             endpoint=self.endpoint, status="failed", error_code=code, error=message,
         ))
+
+    def stop_now(self, exc: RequestError) -> None:
+        """A fatal answer: every further request would fail the same way, so stop all of them."""
+        if self.fatal is None:
+            self.fatal = JobStopped(_fatal_message(exc), cause=exc)
+            self.summary.stopped = str(self.fatal)
+        self.stopping = True
+        self.feed_scope.cancel()
+        self.workers_scope.cancel()
 
     # -- stages --------------------------------------------------------------
 
@@ -211,8 +226,8 @@ class _Job:
                 if error is not None:
                     self.failed_row(row, error, "bad_input")
                     continue
-                request = builder.build(row)
-                if index and (request.id, request.fingerprint) in index:
+                request = builder.build_unless_done(row, index) if index else builder.build(row)
+                if request is None:
                     skipped += 1
                     continue
                 await send.send(request)
@@ -237,8 +252,8 @@ class _Job:
                 except RequestError as exc:
                     exc.row_id = request.id
                     if classify(exc) == "fatal":
-                        self.fatal = JobStopped(_fatal_message(exc), cause=exc)
-                        raise self.fatal from None
+                        self.stop_now(exc)
+                        return
                     self.record(self._failure(request, exc, clock() - started))
                     continue
                 self.record(self._success(request, reply, attempts))
@@ -293,7 +308,7 @@ class _Job:
 
     async def flush_forever(self) -> None:
         while True:
-            with anyio.move_on_after(self.opts.flush_s):
+            with anyio.move_on_after(self.flush_s):
                 await self.flush_due.wait()
             self.flush_due = anyio.Event()
             await self.flush()
@@ -304,6 +319,17 @@ class _Job:
             # shielded: a cancel must not lose a part half-way through its write
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(self.writer.write, table)
+
+
+def _first_promptmill_error(group: BaseExceptionGroup[BaseException]) -> PromptmillError | None:
+    for exc in group.exceptions:
+        if isinstance(exc, PromptmillError):
+            return exc
+        if isinstance(exc, BaseExceptionGroup):
+            found = _first_promptmill_error(exc)
+            if found is not None:
+                return found
+    return None
 
 
 def _fatal_message(exc: RequestError) -> str:
@@ -321,6 +347,7 @@ async def run_job(spec: JobSpec, opts: RunOptions | None = None) -> Summary:
     out.check_output_writable(output)
     reader = InputReader(spec.input)
     reader.check_ids()
+    reader.check_rows()
     builder = RequestBuilder(spec)
     identity = job_identity(spec)
     schema = out.output_schema(reader.passthrough_schema, _metadata(spec, identity))
@@ -349,16 +376,22 @@ async def run_job(spec: JobSpec, opts: RunOptions | None = None) -> Summary:
         job = _Job(spec, opts, writer, summary, index, progress)
         try:
             await _run(job, reader, builder, api_key)
+        except ExceptionGroup as group:
+            # one of ours from inside the task group (a Parquet input damaged past its first rows): one line, not a tree
+            first = _first_promptmill_error(group)
+            if first is None:
+                raise
+            raise first from None
         finally:
             progress.close()
             summary.wall_s = opts.clock() - wall_start
             await job.flush()
-            if writer.rows_flushed or output.exists() or out.next_run_number(output) > 1:
-                await anyio.to_thread.run_sync(out.assemble, output, schema)
+            await anyio.to_thread.run_sync(out.assemble, output, schema)
             summary.write_json(output.with_name(output.name + ".summary.json"))
+        # while the lock is held: a run starting now must not see the folder vanish under it
+        out.remove_parts_dir(output)
     finally:
         lock.release()
-    out.remove_parts_dir(output)
     return summary
 
 
@@ -384,24 +417,20 @@ async def _run(job: _Job, reader: InputReader, builder: RequestBuilder, api_key:
     ) as client, anyio.create_task_group() as outer:
         outer.start_soon(job.flush_forever)
         if opts.handle_signals:
-            outer.start_soon(_watch_signals, job, outer.cancel_scope)
-        try:
-            async with anyio.create_task_group() as tg:
-                job.workers_scope = tg.cancel_scope
-                send, receive = anyio.create_memory_object_stream[Request](max(2 * concurrency, 64))
-                tg.start_soon(job.feed, reader, builder, send)
-                async with receive:
-                    for _ in range(concurrency):
-                        tg.start_soon(job.work, receive.clone(), client, limiter, policy)
-        except* JobStopped:
-            job.summary.stopped = str(job.fatal)
+            outer.start_soon(_watch_signals, job)
+        async with anyio.create_task_group() as tg:
+            job.workers_scope = tg.cancel_scope
+            send, receive = anyio.create_memory_object_stream[Request](max(2 * concurrency, 64))
+            tg.start_soon(job.feed, reader, builder, send)
+            async with receive:
+                for _ in range(concurrency):
+                    tg.start_soon(job.work, receive.clone(), client, limiter, policy)
         outer.cancel_scope.cancel()
     if job.fatal is not None:
-        # raised outside the task groups, so the caller gets it bare, not in an ExceptionGroup
         raise job.fatal
 
 
-async def _watch_signals(job: _Job, outer: anyio.CancelScope) -> None:
+async def _watch_signals(job: _Job) -> None:
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
             if job.opts.exit_signal is None:

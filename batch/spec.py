@@ -19,6 +19,8 @@ input and output paths and the API base URL has defaults)::
 
     [output]
     path = "out/{job}-{date}.parquet"      # {date} is the UTC date (YYYY-MM-DD), {job} the job name
+    flush_rows = 500                       # finished rows are made durable every N rows ...
+    flush_s = 2.0                          # ... or every S seconds, whichever comes first
 
     [api]
     base_url = "https://api.atoma.network/v1"   # "simulator" starts the built-in simulator
@@ -168,11 +170,17 @@ class InputSpec(BaseModel):
 
 
 class OutputSpec(BaseModel):
-    """Where the results go; ``path`` may hold ``{date}`` and ``{job}``."""
+    """Where the results go; ``path`` may hold ``{date}`` and ``{job}``.
+
+    Finished rows are written to disk as a part every ``flush_rows`` rows or
+    ``flush_s`` seconds, whichever comes first: a kill loses at most those.
+    """
 
     model_config = _FROZEN
 
     path: str
+    flush_rows: PositiveInt = 500
+    flush_s: PositiveFloat = 2.0
 
     @field_validator("path")
     @classmethod
@@ -226,7 +234,13 @@ class ApiSpec(BaseModel):
     def _url(cls, value: str, info: ValidationInfo) -> str:
         if value == "simulator":
             return value
-        parts = urlsplit(value)
+        if any(ch.isspace() or not ch.isprintable() for ch in value):
+            raise ValueError("must not contain spaces or control characters")
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 - urlsplit checks the port only when it is read
+        except ValueError as exc:
+            raise ValueError(f"cannot be parsed as a URL: {exc}") from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError('must be an http(s) URL like https://api.atoma.network/v1, or "simulator"')
         if parts.username or parts.password:

@@ -92,6 +92,8 @@ _RESULT_NAMES = tuple(f.name for f in RESULT_FIELDS)
 _DIRECT = tuple(n for n in _RESULT_NAMES if n != "request_fingerprint")
 
 METADATA_KEY = b"promptmill.job"
+# between id and request fingerprint in a resume key (a fingerprint is hex, so never holds it)
+_KEY_SEP = "\x1f"
 _PART_RE = re.compile(r"^run-(\d{4,})-part-(\d{6,})\.parquet$")
 
 
@@ -135,19 +137,29 @@ class OutputLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        while True:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                holder = ""
+                with contextlib.suppress(OSError, ValueError):
+                    holder = f" (process {int(self.path.read_text().strip())})"
+                raise OutputError(
+                    f"another promptmill run is writing this output{holder}; wait for it or choose another output",
+                    path=self.output,
+                ) from None
+            # The run that held it may have removed the folder (lock file included) as it
+            # finished: a lock on that deleted file protects nothing, so take the new one.
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
             os.close(fd)
-            holder = ""
-            with contextlib.suppress(OSError, ValueError):
-                holder = f" (process {int(self.path.read_text().strip())})"
-            raise OutputError(
-                f"another promptmill run is writing this output{holder}; wait for it or choose another output",
-                path=self.output,
-            ) from None
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self._fd = fd
@@ -289,7 +301,10 @@ class PartWriter:
         """Write one part durably (safe to call from a worker thread)."""
         self._part += 1
         path = self._folder / f"run-{self.run:04d}-part-{self._part:06d}.parquet"
-        _write_atomically(table, path)
+        try:
+            _write_atomically(table, path)
+        except OSError as exc:
+            raise OutputError(f"cannot save progress: {exc.strerror or exc}", path=path) from None
         self.rows_flushed += table.num_rows
         return path
 
@@ -340,8 +355,8 @@ def _winners(all_rows: pa.Table) -> pa.Array:
 class ResumeIndex:
     """The (id, request fingerprint) keys a rerun may skip, as a sorted array of hashes.
 
-    8 bytes a finished row: a million-row output costs 8 MB. Keys are Python
-    ``hash`` values of the same process, so they never leave it.
+    8 bytes a finished row: a million-row output costs 8 MB. A key is the Python
+    ``hash`` of ``id + "\\x1f" + fingerprint`` in this process, so it never leaves it.
     """
 
     keys: array[int]  # array('q'), sorted
@@ -349,7 +364,7 @@ class ResumeIndex:
     rows_failed: int
 
     def __contains__(self, key: tuple[str, str]) -> bool:
-        h = hash(key)
+        h = hash(f"{key[0]}{_KEY_SEP}{key[1]}")
         keys = self.keys
         i = bisect_left(keys, h)
         return i < len(keys) and keys[i] == h
@@ -359,16 +374,35 @@ class ResumeIndex:
 
 
 def load_index(output: Path, *, include_failed: bool = False) -> ResumeIndex:
-    """What earlier runs finished: the newest row of each id, if ok (or failed too, when asked)."""
-    all_rows, _ = _latest_rows(_sources(output))
+    """What earlier runs finished: the newest row of each id, if ok (or failed too, when asked).
+
+    Fast on a million rows: three columns are read, the keys are joined in Arrow,
+    hashed by ``map(hash, ...)`` and sorted in Arrow; no per-row Python loop.
+    """
+    sources = _sources(output)
+    all_rows, _ = _latest_rows(sources)
     if all_rows.num_rows == 0:
         return ResumeIndex(array("q"), 0, 0)
-    latest = all_rows.filter(_winners(all_rows))
-    ok = pc.equal(latest["status"], "ok")
+    # an assembled output alone holds each id once: only parts can repeat one
+    latest = all_rows if sources == [output] else all_rows.filter(_winners(all_rows))
+    ok = pc.fill_null(pc.equal(latest["status"], "ok"), False)
     rows_ok = pc.sum(ok).as_py() or 0
     keep = latest if include_failed else latest.filter(ok)
-    keys = array("q", sorted(hash(k) for k in zip(keep["id"].to_pylist(), keep["request_fingerprint"].to_pylist(), strict=True)))
-    return ResumeIndex(keys, rows_ok, latest.num_rows - rows_ok)
+    joined = pc.binary_join_element_wise(
+        keep["id"], pc.fill_null(keep["request_fingerprint"], ""), _KEY_SEP
+    ).to_pylist()
+    return ResumeIndex(_sorted_keys(array("q", map(hash, joined))), rows_ok, latest.num_rows - rows_ok)
+
+
+def _sorted_keys(keys: array[int]) -> array[int]:
+    """Sort 64-bit keys in Arrow (a few times faster than ``sorted`` on a million)."""
+    if not keys:
+        return keys
+    arr = pa.Array.from_buffers(pa.int64(), len(keys), [None, pa.py_buffer(keys)])
+    ordered = pc.take(arr, pc.sort_indices(arr))
+    out = array("q")
+    out.frombytes(memoryview(ordered.buffers()[1])[: len(keys) * 8])
+    return out
 
 
 def _iter_source_batches(path: Path, schema: pa.Schema) -> Iterator[pa.RecordBatch]:

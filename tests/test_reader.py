@@ -390,3 +390,18 @@ def test_null_id(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "prompt": "p"}, {"prompt": "q"}])
     assert str(input_error(spec(path), ids=True)) == f"{path}, line 2, column 'id': missing or null id"
     assert str(input_error(spec(path), rows=True)) == f"{path}, line 2, column 'id': missing or null id"
+
+
+@pytest.mark.parametrize(("column", "words"), [("prompt", "null prompt"), ("id", "null id")])
+def test_check_rows_finds_a_null_deep_in_a_parquet_file_before_anything_is_sent(
+    tmp_path: Path, column: str, words: str
+) -> None:
+    rows: list[dict[str, Any]] = [{"id": f"r{i}", "prompt": f"p{i}"} for i in range(70_000)]
+    rows[68_000][column] = None
+    path = tmp_path / "in.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=10_000)
+    reader = InputReader(spec(path))
+    with pytest.raises(InputError) as err:
+        reader.check_rows()
+    assert (err.value.line, err.value.column) == (68_001, column)
+    assert words in str(err.value)
