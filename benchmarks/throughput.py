@@ -86,7 +86,7 @@ SCENARIOS: dict[str, Scenario] = {
                  goals=(("rss_mb", "max", 200),)),
         Scenario("latency", "200 ms, c200", 5_000, 1_000, 200, 200,
                  goals=(("wall_ideal", "max", 1.15),)),
-        Scenario("wide", "1 s, c2000", 20_000, 4_000, 1000, 2000,
+        Scenario("wide", "1 s, c2000", 20_000, 2_000, 1000, 2000,
                  goals=(("wall_ideal", "max", 1.2),)),
     )
 }
