@@ -414,8 +414,8 @@ def measure_capacity(sim: Simulator, args: argparse.Namespace, workdir: Path) ->
 def _timeout(args: argparse.Namespace, rows: int, ideal: float | None) -> float:
     if args.run_timeout:
         return float(args.run_timeout)
-    # generous: 100 rows/s at worst, or ten times the ideal, plus start-up
-    return 60.0 + max(rows / 100.0, 10 * (ideal or 0.0))
+    # generous: 25 rows/s at worst, or thirty times the ideal, plus start-up
+    return 120.0 + max(rows / 25.0, 30 * (ideal or 0.0))
 
 
 def run_client(runner: str, scenario: Scenario, rows: int, input_path: Path, sim: Simulator,
@@ -490,7 +490,7 @@ def render(results: list[RunResult], capacity: dict[str, Any] | None, args: argp
         if cap and not r.error and r.rows_s >= NEAR_CAPACITY * cap:
             notes.append(f"within 20% of the simulator's capacity ({cap:,.0f}/s)")
         ratio = ""
-        if r.runner == "promptmill" and baseline_rate.get(r.scenario):
+        if r.runner == "promptmill" and not r.error and baseline_rate.get(r.scenario):
             ratio = f"{r.rows_s / baseline_rate[r.scenario]:.2f}x"
         failed = r.error is not None and r.wall_s == 0
         lines.append([
