@@ -23,6 +23,7 @@ non-string prompt, malformed messages, a missing id) stops the job with an
 from __future__ import annotations
 
 import logging
+from array import array
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import MappingProxyType
@@ -88,6 +89,15 @@ def _check_messages(value: Any) -> list[dict[str, Any]]:
             message = {k: v for k, v in message.items() if v is not None}
         out.append(message)
     return out
+
+
+def _may_repeat(hashes: array[int]) -> bool:
+    """Whether two of these hashes are equal (sorted by Arrow: 16 bytes a hash at most)."""
+    if len(hashes) < 2:
+        return False
+    values = pa.Array.from_buffers(pa.int64(), len(hashes), [None, pa.py_buffer(hashes)])
+    ordered = pc.take(values, pc.array_sort_indices(values))
+    return bool(pc.any(pc.equal(ordered[1:], ordered[:-1])).as_py())
 
 
 def _is_text(t: pa.DataType) -> bool:
@@ -313,10 +323,47 @@ class InputReader:
         """
         if self.id_column is None:
             return
+        # A first pass keeps 8 bytes an id (its hash), so a million-row input
+        # costs 8 MB here; only when two hashes match is the input read again,
+        # exactly, to confirm and name the duplicates.
         if self.format == "parquet":
-            self._check_parquet_ids(self.id_column)
-        else:
+            if _may_repeat(self._parquet_id_hashes(self.id_column)):
+                self._check_parquet_ids(self.id_column)
+        elif _may_repeat(self._jsonl_id_hashes(self.id_column)):
             self._check_jsonl_ids(self.id_column)
+
+    def _parquet_id_hashes(self, column: str) -> array[int]:
+        assert self._pf is not None
+        hashes: array[int] = array("q")
+        offset = 0
+        try:
+            for rb in self._pf.iter_batches(batch_size=_ID_CHUNK, columns=[column], use_threads=False):
+                ids = rb.column(0)
+                if ids.null_count:
+                    if not self.fail_rows:
+                        first = pc.index(pc.is_null(ids), True).as_py()
+                        raise self._error("null id", offset + first + 1, column)
+                    ids = ids.drop_null()
+                offset += rb.num_rows
+                values = ids.to_pylist()
+                hashes.extend(map(hash, values) if _is_text(ids.type) else (hash(str(v)) for v in values))
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            raise self._error(f"cannot read the id column ({exc})", None, column) from None
+        return hashes
+
+    def _jsonl_id_hashes(self, column: str) -> array[int]:
+        hashes: array[int] = array("q")
+        with self.path.open("rb") as f:
+            for lineno, obj in self._objects(f):
+                if obj is None:
+                    continue
+                value = obj.get(column)
+                if value is None:
+                    if self.fail_rows:
+                        continue
+                    raise self._error("missing or null id", lineno, column)
+                hashes.append(hash(value if type(value) is str else str(value)))
+        return hashes
 
     def _check_parquet_ids(self, column: str) -> None:
         try:
@@ -450,7 +497,8 @@ class InputReader:
         mode = self.mode
         index = 0
         try:
-            batches = self._pf.iter_batches(batch_size=batch_size, columns=needed)
+            # one thread: reading ahead on every core costs memory and buys nothing here
+            batches = self._pf.iter_batches(batch_size=batch_size, columns=needed, use_threads=False)
             for rb in batches:
                 n = rb.num_rows
                 cols = dict(zip(rb.schema.names, rb.columns, strict=True))

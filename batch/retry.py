@@ -202,11 +202,27 @@ class RetryPolicy:
         :class:`RequestError` is raised with ``attempts`` and ``row_id`` set.
         Other exceptions propagate untouched.
         """
+        start = self._clock()
+        # Most rows succeed at once: the first attempt runs bare, and tenacity's
+        # machinery (a few objects per call) is set up only after a retryable
+        # failure, which it then sees as its own first attempt.
+        try:
+            return await attempt(), 1
+        except RequestError as exc:
+            if classify(exc) != "retry":
+                exc.row_id = row_id
+                exc.attempts = 1
+                raise
+            first: RequestError | None = exc
+
         attempts = 0
 
         async def counted() -> T:
-            nonlocal attempts
+            nonlocal attempts, first
             attempts += 1
+            if first is not None:
+                failed, first = first, None
+                raise failed
             return await attempt()
 
         def log_retry(state: RetryCallState) -> None:
@@ -223,7 +239,7 @@ class RetryPolicy:
         retrying = AsyncRetrying(
             sleep=self._sleep,
             stop=stop_after_attempt(self.settings.max_attempts)
-            | _StopAtBudget(self.settings.row_budget_s, self._clock, self._clock()),
+            | _StopAtBudget(self.settings.row_budget_s, self._clock, start),
             wait=self._wait,
             retry=retry_if_exception(lambda exc: classify(exc) == "retry"),
             before_sleep=log_retry,

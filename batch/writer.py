@@ -341,6 +341,29 @@ def _latest_rows(sources: list[Path]) -> tuple[pa.Table, list[int]]:
     return all_rows, offsets
 
 
+def _id_hashes(sources: list[Path]) -> tuple[array[int], list[int]]:
+    """The hash of every source row's id, in order, and where each source starts."""
+    hashes: array[int] = array("q")
+    offsets = [0]
+    for path in sources:
+        try:
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=65536, columns=["id"], use_threads=False):
+                hashes.extend(map(hash, batch.column(0).to_pylist()))
+        except (OSError, pa.ArrowException) as exc:
+            raise OutputError(f"cannot read earlier progress ({exc}); rerun with --fresh to start over", path=path) from None
+        offsets.append(len(hashes))
+    return hashes, offsets
+
+
+def _any_repeat(hashes: array[int]) -> bool:
+    """Whether two hashes are equal (sorted by Arrow: 16 bytes a hash at most)."""
+    if len(hashes) < 2:
+        return False
+    values = pa.Array.from_buffers(pa.int64(), len(hashes), [None, pa.py_buffer(hashes)])
+    ordered = pc.take(values, pc.array_sort_indices(values))
+    return bool(pc.any(pc.equal(ordered[1:], ordered[:-1])).as_py())
+
+
 def _winners(all_rows: pa.Table) -> pa.Array:
     """A boolean mask: True where a row is the newest for its id."""
     n = all_rows.num_rows
@@ -407,7 +430,7 @@ def _sorted_keys(keys: array[int]) -> array[int]:
 
 def _iter_source_batches(path: Path, schema: pa.Schema) -> Iterator[pa.RecordBatch]:
     pf = pq.ParquetFile(path)
-    for batch in pf.iter_batches(batch_size=65536):
+    for batch in pf.iter_batches(batch_size=65536, use_threads=False):
         table = pa.Table.from_batches([batch])
         if table.schema.remove_metadata() != schema.remove_metadata():
             table = _conform(table, schema, path)
@@ -439,8 +462,12 @@ def assemble(output: Path, schema: pa.Schema) -> int:
     of them; the parts are removed once the new output is in place.
     """
     sources = _sources(output)
-    all_rows, offsets = _latest_rows(sources)
-    mask = _winners(all_rows)
+    # Usually no id repeats (a first run, or a rerun that redid nothing): 8 bytes
+    # an id prove it. Only otherwise are the ids themselves grouped to find each
+    # one's newest row.
+    hashes, offsets = _id_hashes(sources)
+    mask = _winners(_latest_rows(sources)[0]) if _any_repeat(hashes) else None
+    del hashes
     tmp = output.with_name(f".{output.name}.tmp")
     total = 0
     with open(tmp, "wb") as fh:
@@ -449,9 +476,8 @@ def assemble(output: Path, schema: pa.Schema) -> int:
             for i, path in enumerate(sources):
                 start = offsets[i]
                 for batch in _iter_source_batches(path, schema):
-                    keep = mask.slice(start, batch.num_rows)
+                    kept = batch if mask is None else batch.filter(mask.slice(start, batch.num_rows))
                     start += batch.num_rows
-                    kept = batch.filter(keep)
                     if kept.num_rows:
                         writer.write_batch(kept)
                         total += kept.num_rows
