@@ -176,6 +176,12 @@ class _Job:
         self.flush_s = opts.flush_s or spec.output.flush_s
         self.stopping = False
         self.flush_due = anyio.Event()
+        # Requests sent but not yet durable: in flight, or finished and not yet in a part on
+        # disk. A kill loses at most these, so they are held to concurrency + flush_rows.
+        self.in_flight = 0
+        self.unflushed = 0
+        self.max_at_risk = spec.limits.concurrency + self.flush_rows
+        self.flushed = anyio.Event()
         self.fatal: JobStopped | None = None
         self.feed_scope = anyio.CancelScope()
         self.workers_scope = anyio.CancelScope()
@@ -186,7 +192,9 @@ class _Job:
         self.writer.add(result)
         self.summary.add(result)
         self.progress.update(result.status == "ok")
-        if len(self.writer) >= self.flush_rows:
+        self.unflushed += 1
+        # half the flush size: the next half can gather while this one is written
+        if len(self.writer) * 2 >= self.flush_rows:
             self.flush_due.set()
 
     def failed_row(self, row: Row, message: str, code: str) -> None:
@@ -242,20 +250,25 @@ class _Job:
         clock = self.opts.clock
         async with receive:
             async for request in receive:
+                while self.in_flight + self.unflushed >= self.max_at_risk and not self.stopping:
+                    await self.flushed.wait()  # rare: the disk is slower than the answers
                 if self.stopping:
                     break
                 started = clock()
+                self.in_flight += 1
                 try:
                     reply, attempts = await policy.call(
                         partial(self._attempt, request, client, limiter), row_id=request.id
                     )
                 except RequestError as exc:
+                    self.in_flight -= 1
                     exc.row_id = request.id
                     if classify(exc) == "fatal":
                         self.stop_now(exc)
                         return
                     self.record(self._failure(request, exc, clock() - started))
                     continue
+                self.in_flight -= 1
                 self.record(self._success(request, reply, attempts))
 
     @staticmethod
@@ -319,6 +332,9 @@ class _Job:
             # shielded: a cancel must not lose a part half-way through its write
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(self.writer.write, table)
+            self.unflushed -= table.num_rows
+            self.flushed.set()
+            self.flushed = anyio.Event()
 
 
 def _first_promptmill_error(group: BaseExceptionGroup[BaseException]) -> PromptmillError | None:
