@@ -351,8 +351,8 @@ class InputReader:
             raise self._error(f"cannot read the id column ({exc})", None, column) from None
         return hashes
 
-    def _jsonl_id_hashes(self, column: str) -> array[int]:
-        hashes: array[int] = array("q")
+    def _jsonl_ids(self, column: str) -> Iterator[tuple[int, str]]:
+        """(line, id as text) of every JSONL row that has one."""
         with self.path.open("rb") as f:
             for lineno, obj in self._objects(f):
                 if obj is None:
@@ -362,8 +362,10 @@ class InputReader:
                     if self.fail_rows:
                         continue
                     raise self._error("missing or null id", lineno, column)
-                hashes.append(hash(value if type(value) is str else str(value)))
-        return hashes
+                yield lineno, value if type(value) is str else str(value)
+
+    def _jsonl_id_hashes(self, column: str) -> array[int]:
+        return array("q", (hash(value) for _, value in self._jsonl_ids(column)))
 
     def _check_parquet_ids(self, column: str) -> None:
         try:
@@ -384,21 +386,13 @@ class InputReader:
         line_chunks: list[pa.Array] = []
         ids: list[str] = []
         lines: list[int] = []
-        with self.path.open("rb") as f:
-            for lineno, obj in self._objects(f):
-                if obj is None:
-                    continue
-                value = obj.get(column)
-                if value is None:
-                    if self.fail_rows:
-                        continue
-                    raise self._error("missing or null id", lineno, column)
-                ids.append(value if type(value) is str else str(value))
-                lines.append(lineno)
-                if len(ids) >= _ID_CHUNK:
-                    chunks.append(pa.array(ids, pa.string()))
-                    line_chunks.append(pa.array(lines, pa.int64()))
-                    ids, lines = [], []
+        for lineno, value in self._jsonl_ids(column):
+            ids.append(value)
+            lines.append(lineno)
+            if len(ids) >= _ID_CHUNK:
+                chunks.append(pa.array(ids, pa.string()))
+                line_chunks.append(pa.array(lines, pa.int64()))
+                ids, lines = [], []
         if ids:
             chunks.append(pa.array(ids, pa.string()))
             line_chunks.append(pa.array(lines, pa.int64()))
