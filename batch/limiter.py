@@ -41,21 +41,29 @@ Configured ``rpm`` / ``tpm``
     everyone for ``Retry-After`` (or the exhausted limit's reset).
 
 Bare 429s (Atoma: no headers, 429 for quota and overload alike)
-    Adaptive, in the manner of TCP congestion control, on a request rate. Until
-    the first 429 nothing is paced. The first 429 of a run pauses every worker
-    (1 s, doubling while 429s keep coming with no success in between, at most
-    4 s, so the job keeps probing and never stalls) and sets the rate to 0.9 of
-    the lower of the current rate and the success rate measured since the
-    server last accepted again (over at most a minute, and at least 15 s once
-    paced): what got through is what a sliding-window server allows, so one cut
-    lands near its limit. Further 429s in the same run halve the rate (never
-    below one request per longest pause) but keep the level learned at its
-    start, to which the rate climbs back quickly (doubling every second) once
-    the server accepts again; after an unpaced start that level is what got
-    through from the first success until then. Above the level the rate rises
-    slowly (1 % a second) while workers are waiting on it. A 429 while already
-    paced pauses only two request intervals: the window frees again that soon.
-    429s for requests sent before a cut belong to it and do not cut again.
+    Learned from the first gap, then paced. Until the first 429 nothing is
+    paced, so a sliding-window server takes a whole window's worth at once and
+    then refuses everything until that burst's first request leaves its window.
+    The first 429 blocks every worker and the job probes: one request every
+    half of the time the accepted burst took (0.05 to 0.5 s; 0.5 s if nothing
+    was accepted), and again that long after each failed probe, so the reopening
+    is found well within the burst's length and the stall stays under a
+    window. Failed probes do not lower anything. The first success of a request
+    sent after the block ends it: the time from the first success of the
+    burst to this one is the server's window W (an upper bound, by at most a
+    probe interval and a latency), the burst's successes its limit N, and from then on
+    requests are paced at 0.97 N / W. A 429 while paced cuts the rate to 0.95
+    of itself and pauses two request intervals (the window frees again that
+    soon); 429s for requests sent before the cut belong to it. A second fresh
+    429 with no success in between means the server refuses everything (an
+    outage, or a limit far below the pace): the job probes again, at W / 20
+    (0.05 to 0.5 s). Once any block lasts longer than a window (60 s until one
+    is learned) the probe interval stretches to a tenth of the excess, at most
+    4 s, so a long outage costs few 429s yet never stalls; when the server
+    accepts again, the job carries on at the pace it had. A block before any success
+    teaches nothing: the job starts over unpaced. While workers are waiting on
+    the pace, the rate grows by 1 % a learned window (60 s until one is
+    learned), so a low estimate recovers and a limit that rises is found.
 
 Time is injected: ``clock`` and ``sleep``, so a minute of limiting runs in
 milliseconds under test. All state is touched from one event loop; no locks.
@@ -478,7 +486,8 @@ class Limiter:
             wait = max(resets) if resets else None
         if not has_limits and self._adaptive:
             adaptive_wait = self._adapt(now) if fresh else max(0.0, self._paused_until - now)
-            wait = adaptive_wait if wait is None else max(wait, adaptive_wait)
+            if wait is None:  # a Retry-After wins
+                wait = adaptive_wait
         elif wait is None:
             if not fresh:
                 return max(0.0, self._paused_until - now)
@@ -530,9 +539,10 @@ class Limiter:
         # The server refuses everything: after the unpaced start its window is full
         # (it frees one window after the start's first request), or a paced 429
         # was followed by another. Probe with one request at a time.
-        if self._rate is None:
-            burst = self._epoch_last - self._epoch_first if self._epoch_first is not None else 0.0
-            base = burst / 2.0
+        if self._rate is None and self._epoch_first is not None:
+            base = (self._epoch_last - self._epoch_first) / 2.0  # half the accepted burst
+        elif self._rate is None:
+            base = _FIRST_PROBE_S  # refused from the start: no burst to measure
         else:
             base = (self._window or _DEFAULT_WINDOW_S) / 20.0
         self._probe_base = self._probe_s = min(_FIRST_PROBE_S, max(_MIN_PROBE_S, base))
