@@ -41,21 +41,29 @@ Configured ``rpm`` / ``tpm``
     everyone for ``Retry-After`` (or the exhausted limit's reset).
 
 Bare 429s (Atoma: no headers, 429 for quota and overload alike)
-    Adaptive, in the manner of TCP congestion control, on a request rate. Until
-    the first 429 nothing is paced. The first 429 of a run pauses every worker
-    (1 s, doubling while 429s keep coming with no success in between, at most
-    4 s, so the job keeps probing and never stalls) and sets the rate to 0.9 of
-    the lower of the current rate and the success rate measured since the
-    server last accepted again (over at most a minute, and at least 15 s once
-    paced): what got through is what a sliding-window server allows, so one cut
-    lands near its limit. Further 429s in the same run halve the rate (never
-    below one request per longest pause) but keep the level learned at its
-    start, to which the rate climbs back quickly (doubling every second) once
-    the server accepts again; after an unpaced start that level is what got
-    through from the first success until then. Above the level the rate rises
-    slowly (1 % a second) while workers are waiting on it. A 429 while already
-    paced pauses only two request intervals: the window frees again that soon.
-    429s for requests sent before a cut belong to it and do not cut again.
+    Learned from the first gap, then paced. Until the first 429 nothing is
+    paced, so a sliding-window server takes a whole window's worth at once and
+    then refuses everything until that burst's first request leaves its window.
+    The first 429 blocks every worker and the job probes: one request every
+    half of the time the accepted burst took (0.05 to 0.5 s; 0.5 s if nothing
+    was accepted), and again that long after each failed probe, so the reopening
+    is found well within the burst's length and the stall stays under a
+    window. Failed probes do not lower anything. The first success of a request
+    sent after the block ends it: the time from the first success of the
+    burst to this one is the server's window W (an upper bound, by at most a
+    probe interval and a latency), the burst's successes its limit N, and from then on
+    requests are paced at 0.97 N / W. A 429 while paced cuts the rate to 0.95
+    of itself and pauses two request intervals (the window frees again that
+    soon); 429s for requests sent before the cut belong to it. A second fresh
+    429 with no success in between means the server refuses everything (an
+    outage, or a limit far below the pace): the job probes again, at W / 20
+    (0.05 to 0.5 s). Once any block lasts longer than a window (60 s until one
+    is learned) the probe interval stretches to a tenth of the excess, at most
+    4 s, so a long outage costs few 429s yet never stalls; when the server
+    accepts again, the job carries on at the pace it had. A block before any success
+    teaches nothing: the job starts over unpaced. While workers are waiting on
+    the pace, the rate grows by 1 % a learned window (60 s until one is
+    learned), so a low estimate recovers and a limit that rises is found.
 
 Time is injected: ``clock`` and ``sleep``, so a minute of limiting runs in
 milliseconds under test. All state is touched from one event loop; no locks.
@@ -97,15 +105,14 @@ _NAP_S = 1.0
 # Default window of a limit until a reset header says otherwise (per-minute limits).
 _DEFAULT_WINDOW_S = 60.0
 # Adaptive (bare 429) tuning; see the module docstring.
-_CUT = 0.9  # rate after a 429, as a share of the measured or current rate
-_PROBE_CUT = 0.5  # further cuts while 429s keep coming with no success
-_SLOW_START_DOUBLING_S = 1.0  # below the learned level the rate doubles this often
-_GROWTH_PER_S = 0.01  # above it, the rate grows by this share a second
-_PAUSE_S = 1.0
-_MAX_PAUSE_S = 4.0
-_SHORT_PAUSE_SLOTS = 2.0  # pause after a 429 while already paced, in request intervals
-_HORIZON_S = 60.0  # success-rate measurement window
-_MIN_SPAN_S = 15.0  # shortest measurement that may lower a paced rate
+_PACE_SHARE = 0.97  # pace at this share of the learned limit / window
+_CUT = 0.95  # a 429 while paced: the rate falls to this share
+_GROWTH_PER_WINDOW = 0.01  # while workers wait on the pace, the rate grows this much a window
+_PAUSE_S = 1.0  # pause after a bare 429 when not adapting
+_SHORT_PAUSE_SLOTS = 2.0  # pause after a 429 while paced, in request intervals
+_MIN_PROBE_S = 0.05
+_FIRST_PROBE_S = 0.5  # longest probe interval while a window may be about to free
+_MAX_PROBE_S = 4.0  # longest probe interval in a long outage
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|us|µs|ns|h|m|s)?")
 
@@ -290,17 +297,18 @@ class Limiter:
         self._tok_budget_seq = -1
 
         # adaptive rate (requests per second), learned from bare 429s
-        self._rate: float | None = None
-        self._level = 0.0  # the level learned at the start of a run of 429s
-        self._streak = 0  # 429 cuts since the last success
-        self._was_paced = False  # whether the rate was already paced before this run of 429s
-        self._cut_seq = 0  # requests admitted before the last cut answer to that cut
+        self._rate: float | None = None  # the learned pace; None = unpaced
+        self._window: float | None = None  # the server's window, learned from the first gap
+        self._streak = 0  # fresh 429s since the last success
+        self._cut_seq = 0  # requests admitted before a cut or a block answer to it
         self._grown_at = 0.0
-        self._first_at: float | None = None
-        self._bins: deque[list[float]] = deque()  # [second, successes]
-        self._bins_total = 0.0
-        self._successes = 0
-        self._open_at = -math.inf  # when the server last accepted again after 429s
+        self._probing = False  # blocked: one probe request per ``_probe_s``
+        self._probe_s = _MAX_PROBE_S
+        self._probe_base = _MAX_PROBE_S
+        self._blocked_at = 0.0
+        self._epoch_first: float | None = None  # first success of the unpaced start (answer time)
+        self._epoch_last = 0.0
+        self._epoch_ok = 0
 
         # statistics
         self._tokens_refunded = 0
@@ -428,21 +436,25 @@ class Limiter:
     # ------------------------------------------------------------------ feedback
 
     def on_response(self, headers: Mapping[str, str], reservation: Reservation | None = None) -> None:
-        """A 2xx answer: follow its ``x-ratelimit-*`` headers, and let an adaptive rate grow.
+        """A 2xx answer: follow its ``x-ratelimit-*`` headers, and let an adaptive rate learn.
 
         Passing the answer's reservation lets the limiter tell how many requests
-        were sent after the one the headers describe.
+        were sent after the one the headers describe, and whether a success
+        answers a request sent before or after the server started refusing.
         """
         if not self._adaptive and self._free and not _has_rate_headers(headers):
-            self._streak = 0
             return
         now = self._clock()
         if self._adaptive:
-            self._count_success(now)
-            if self._streak:
-                self._end_streak(now)
-            if self._rate is not None:
-                self._grow(now)
+            fresh = reservation is None or reservation.seq > self._cut_seq
+            if self._rate is None and (fresh or self._probing):
+                self._count_success(now, fresh and self._probing)
+            if fresh:
+                self._streak = 0
+                if self._probing:
+                    self._reopen(now)
+                elif self._rate is not None:
+                    self._grow(now)
         if _has_rate_headers(headers):
             self._apply_headers(headers, now, reservation)
 
@@ -465,8 +477,6 @@ class Limiter:
         fresh = reservation is None or reservation.seq > self._cut_seq
         if reservation is None and now < self._paused_until:
             fresh = False  # no way to tell; a 429 during a pause belongs to it
-        if not has_limits and self._adaptive and fresh:
-            self._cut(now)
         if wait is None and has_limits:
             resets = []
             if self._req_budget is not None and self._req_budget < 1:
@@ -474,14 +484,14 @@ class Limiter:
             if self._tok_budget is not None and self._tok_budget <= 0:
                 resets.append(self._tok_reset_at - now)
             wait = max(resets) if resets else None
-        if wait is None:
+        if not has_limits and self._adaptive:
+            adaptive_wait = self._adapt(now) if fresh else max(0.0, self._paused_until - now)
+            if wait is None:  # a Retry-After wins
+                wait = adaptive_wait
+        elif wait is None:
             if not fresh:
                 return max(0.0, self._paused_until - now)
-            if self._streak == 1 and self._was_paced and self._rate is not None:
-                # already paced near the limit: the window frees again within a few slots
-                wait = min(_PAUSE_S, _SHORT_PAUSE_SLOTS / self._rate)
-            else:
-                wait = min(_PAUSE_S * 2.0 ** max(0, self._streak - 1), _MAX_PAUSE_S)
+            wait = _PAUSE_S
         self._pause(now, wait)
         return max(0.0, self._paused_until - now)
 
@@ -493,76 +503,76 @@ class Limiter:
         self._paused_s += until - max(now, self._paused_until)
         self._paused_until = until
         self._free = False
-        logger.info("rate limited: every worker pauses %.2f s", seconds)
+        logger.debug("rate limited: every worker pauses %.2f s", seconds)
 
     # ------------------------------------------------------------------ adaptive rate
 
-    def _count_success(self, now: float) -> None:
-        if self._first_at is None:
-            self._first_at = now
-        second = math.floor(now)
-        bins = self._bins
-        if bins and bins[-1][0] == second:
-            bins[-1][1] += 1
-        else:
-            bins.append([second, 1])
-            while bins and bins[0][0] <= now - _HORIZON_S:
-                self._bins_total -= bins.popleft()[1]
-        self._bins_total += 1
-        self._successes += 1
+    def _count_success(self, now: float, reopening: bool) -> None:
+        """A success of the unpaced start (or of its tail, answered late)."""
+        if reopening:
+            return
+        if self._epoch_first is None:
+            self._epoch_first = now
+        self._epoch_last = now
+        self._epoch_ok += 1
 
-    def _measured_rate(self, now: float) -> float | None:
-        """Successes a second over the last minute, counted since the server last
-        accepted again after a run of 429s (an outage says nothing of its rate)."""
-        while self._bins and self._bins[0][0] <= now - _HORIZON_S:
-            self._bins_total -= self._bins.popleft()[1]
-        if self._first_at is None or not self._bins_total:
-            return None
-        since = max(self._first_at, self._open_at, now - _HORIZON_S)
-        total = self._bins_total
-        for second, count in self._bins:
-            if second >= math.floor(since):
-                break
-            total -= count
-        span = now - since
-        if total <= 0 or (span < _MIN_SPAN_S and self._rate is not None):
-            return None
-        return total / max(1.0, span)
-
-    def _cut(self, now: float) -> None:
-        self._cut_seq = self._seq
+    def _adapt(self, now: float) -> float:
+        """A fresh bare 429: block and probe, or cut the pace. Returns the pause."""
         self._streak += 1
-        if self._streak == 1:
-            self._was_paced = self._rate is not None
-        floor = 1.0 / _MAX_PAUSE_S
-        if self._streak == 1:
-            measured = self._measured_rate(now)
-            current = self._rate
-            if current is None or (measured is not None and measured < current):
-                # what got through is the server's rate, if measured long enough to tell
-                current = measured
-            if current is None:  # a 429 before any success: start from the floor
-                current = floor / _CUT
-            self._rate = self._level = max(floor, _CUT * current)
+        if self._probing:
+            # a failed probe: the server still refuses; no cut, probe again soon
+            blocked = now - self._blocked_at
+            horizon = self._window or _DEFAULT_WINDOW_S
+            if blocked > horizon:  # longer than a window: an outage, probe less often
+                self._probe_s = min(_MAX_PROBE_S, max(self._probe_base, (blocked - horizon) / 10.0))
+                self._recompute(now)
+            return self._probe_s
+        self._cut_seq = self._seq
+        if self._rate is not None and self._streak == 1:
+            # paced near the limit: a little too fast; the window frees again within a few slots
+            self._rate *= _CUT
+            self._grown_at = now
+            self._recompute(now)
+            self._next_req = max(self._next_req, now)
+            logger.info("adaptive limit: now %.1f requests/min", self._rate * 60)
+            return min(_PAUSE_S, _SHORT_PAUSE_SLOTS / self._rate)
+        # The server refuses everything: after the unpaced start its window is full
+        # (it frees one window after the start's first request), or a paced 429
+        # was followed by another. Probe with one request at a time.
+        if self._rate is None and self._epoch_first is not None:
+            base = (self._epoch_last - self._epoch_first) / 2.0  # half the accepted burst
+        elif self._rate is None:
+            base = _FIRST_PROBE_S  # refused from the start: no burst to measure
         else:
-            assert self._rate is not None
-            self._rate = max(floor, self._rate * _PROBE_CUT)
+            base = (self._window or _DEFAULT_WINDOW_S) / 20.0
+        self._probe_base = self._probe_s = min(_FIRST_PROBE_S, max(_MIN_PROBE_S, base))
+        self._probing = True
+        self._blocked_at = now
+        self._recompute(now)
+        self._next_req = max(self._next_req, now)
+        logger.info("rate limited: probing every %.2f s", self._probe_s)
+        return self._probe_s
+
+    def _reopen(self, now: float) -> None:
+        """The first success of a request sent after the server started refusing."""
+        self._probing = False
+        if self._rate is None:
+            if self._epoch_first is not None and self._epoch_ok:
+                # The unpaced start filled the server's window, which let a request
+                # through again one window after the start's first one: the gap
+                # gives the window (at most the time to this answer, as answers
+                # come a latency after the server counts them), the start the limit.
+                window = max(now - self._epoch_first, _MIN_PROBE_S)
+                self._window = window
+                self._rate = _PACE_SHARE * self._epoch_ok / window
+                logger.info(
+                    "adaptive limit: learned %d requests per %.1f s, pacing %.1f requests/min",
+                    self._epoch_ok, window, self._rate * 60,
+                )
+            else:  # refused from the start: nothing learned, start over unpaced
+                self._epoch_first, self._epoch_last, self._epoch_ok = now, now, 1
         self._grown_at = now
         self._recompute(now)
-        # requests already given a start time at the old pace start over at the new one
-        self._next_req = max(self._next_req, now)
-        logger.info("adaptive limit: now %.1f requests/min", self._rate * 60)
-
-    def _end_streak(self, now: float) -> None:
-        """The first success after 429s: don't climb back to a level the server never gave."""
-        self._streak = 0
-        self._open_at = now
-        if not self._was_paced and self._first_at is not None and now > self._first_at:
-            # These 429s followed an unpaced start: its burst filled the server's
-            # window, which only now let a request through again. What got through
-            # over that whole time is the server's rate.
-            self._level = max(self._rate or 0.0, (self._successes - 1) / (now - self._first_at))
-            self._was_paced = True
 
     def _grow(self, now: float) -> None:
         assert self._rate is not None
@@ -572,12 +582,8 @@ class Limiter:
         self._grown_at = now
         if now - self._bound_at > 1.0:
             return  # the pace is not what holds the workers back: no evidence to go faster
-        rate = self._rate
-        if rate < self._level:
-            rate = min(self._level, rate * 2.0 ** (elapsed / _SLOW_START_DOUBLING_S))
-        else:
-            rate *= 1.0 + _GROWTH_PER_S * min(elapsed, 1.0)
-        self._rate = rate
+        window = self._window or _DEFAULT_WINDOW_S
+        self._rate *= 1.0 + _GROWTH_PER_WINDOW * min(elapsed, window) / window
         self._recompute(now)
 
     # ------------------------------------------------------------------ headers
@@ -637,7 +643,9 @@ class Limiter:
             req_rate = self._util * self._rpm / 60.0
         if self._hdr_req_limit is not None:
             req_rate = min(req_rate, self._util * self._hdr_req_limit / self._hdr_req_window)
-        if self._rate is not None:
+        if self._probing:
+            req_rate = min(req_rate, 1.0 / self._probe_s)
+        elif self._rate is not None:
             req_rate = min(req_rate, self._rate)
         self._req_interval = 0.0 if req_rate == math.inf else 1.0 / req_rate
         # With both paces, a large request held by the token pace leaves its request
@@ -648,7 +656,7 @@ class Limiter:
         for limit in (self._rpm, self._hdr_req_limit):
             if limit is not None:
                 bank_room = min(bank_room, (1.0 - self._util) * limit - 1.0)
-        if self._rate is not None:
+        if self._rate is not None or self._probing:
             bank_room = 0.0  # an adaptive rate knows no room
         self._req_bank = 0.0
 
@@ -688,7 +696,11 @@ class Limiter:
             in_flight=self._in_flight,
             rpm=60.0 / self._req_interval if self._req_interval else None,
             tpm=60.0 * self._tok_rate if self._tok_rate else None,
-            adaptive_rpm=None if self._rate is None else 60.0 * self._rate,
+            adaptive_rpm=60.0 / self._probe_s
+            if self._probing
+            else None
+            if self._rate is None
+            else 60.0 * self._rate,
             header_rpm=None
             if self._hdr_req_limit is None
             else 60.0 * self._hdr_req_limit / self._hdr_req_window,

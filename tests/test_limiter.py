@@ -598,6 +598,61 @@ async def test_recovers_within_a_few_windows_after_an_outage() -> None:
     assert steady_share(server, 180 + 3 * window, 300) >= 0.85
 
 
+async def test_bare_429s_over_a_whole_run_as_the_benchmark_counts_them() -> None:
+    # the first window goes at once; the gap after it teaches the window and the limit
+    vt = VirtualTime()
+    limiter = Limiter(clock=vt.clock, sleep=vt.sleep)
+    window = 10.0
+    server = Server(vt, limit=300, window=window)
+    outcome = await drive_workers(vt, limiter, server, workers=32, duration=6 * window, latency=0.1)
+    assert steady_share(server, 0, 6 * window) >= 0.90
+    assert outcome.rate_limited <= 0.05 * (outcome.ok + outcome.rate_limited)
+    assert longest_gap(server.ok_times, 0, 6 * window) <= window
+    learned = limiter.stats.adaptive_rpm
+    assert learned is not None
+    assert 0.9 * 300 * 6 <= learned <= 1.02 * 300 * 6
+
+
+async def test_failed_probes_go_one_at_a_time_and_lower_nothing() -> None:
+    vt = VirtualTime()
+    limiter = Limiter(clock=vt.clock, sleep=vt.sleep)
+    window = 10.0
+    server = Server(vt, limit=100, window=window)
+    await drive_workers(vt, limiter, server, workers=64, duration=3 * window)
+    # the unpaced start: 100 taken by 0.3 s, what was sent by the first 429 (0.4 s) refused;
+    # then single probes, one per half the burst's 0.2 s (less a timer's tolerance)
+    probes = [t for t in server.rejected_times if t > 0.7]
+    assert max_in_window(probes, 0.08) <= 1
+    assert len(probes) <= window / 0.08
+    # failed probes did not drag the pace down: it is the server's limit, learned
+    learned = limiter.stats.adaptive_rpm
+    assert learned is not None
+    assert learned >= 0.9 * 100 * 60 / window
+
+
+async def test_refused_from_the_start_probes_gently_then_runs_unpaced() -> None:
+    vt = VirtualTime()
+    limiter = Limiter(clock=vt.clock, sleep=vt.sleep)
+    server = Server(vt, limit=10**6, window=10.0, outage=(0.0, 20.0))
+    await drive_workers(vt, limiter, server, workers=16, duration=30)
+    probes = [t for t in server.rejected_times if t > 0.5]
+    assert len(probes) <= 20 / 0.5
+    assert min(server.ok_times) <= 21.0
+    # nothing was learned from a gap with no success before it
+    assert limiter.stats.adaptive_rpm is None
+
+
+async def test_a_long_outage_costs_few_probes() -> None:
+    vt = VirtualTime()
+    limiter = Limiter(clock=vt.clock, sleep=vt.sleep)
+    window = 10.0
+    server = Server(vt, limit=100, window=window, outage=(60.0, 600.0))
+    await drive_workers(vt, limiter, server, workers=64, duration=660)
+    probes = [t for t in server.rejected_times if 60 <= t < 600]
+    assert len(probes) <= 200  # about one every 4 s once the outage outlasts a window
+    assert longest_gap(server.ok_times, 600, 660) <= window
+
+
 async def drive_varied(vt: VirtualTime, limiter: Limiter, server: Server, *, duration: float,
                        over_estimate: float = 0.0, workers: int = 32) -> None:
     """Workers send rows of varied token cost (71 to 106), estimated high by ``over_estimate``
