@@ -90,7 +90,17 @@ import anyio
 
 from batch.retry import retry_after
 
-__all__ = ["Limiter", "LimiterStats", "Reservation", "estimate_tokens", "parse_duration"]
+__all__ = [
+    "Limiter",
+    "LimiterStats",
+    "Reservation",
+    "answer_tokens",
+    "content_chars",
+    "estimate_tokens",
+    "parse_duration",
+    "prompt_tokens",
+    "tokens_for",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -164,39 +174,54 @@ def _duration(headers: Mapping[str, str], name: str) -> float | None:
 
 
 def estimate_tokens(body: Mapping[str, Any]) -> int:
-    """Tokens a request may use: its prompt estimated from the text, plus ``max_tokens * n``.
+    """Tokens a request may use: :func:`prompt_tokens` plus :func:`answer_tokens`."""
+    return prompt_tokens(body) + answer_tokens(body)
 
-    The prompt estimate is a character count divided by four plus four tokens per
-    chat message and three for the reply's priming, which over-estimates English
-    slightly (no tokenizer is downloaded). A body with no ``max_tokens`` (or
-    ``max_completion_tokens``) is counted with 8192, what Atoma reserves for it.
+
+def prompt_tokens(body: Mapping[str, Any]) -> int:
+    """The prompt's tokens, estimated from its text (no tokenizer is downloaded).
+
+    A character count divided by four, plus four tokens per chat message and
+    three for the reply's priming: this over-estimates English slightly.
     """
-    chars = 0
-    overhead = 0
     messages = body.get("messages")
     if isinstance(messages, list):
-        overhead = 3 + 4 * len(messages)
+        chars = 0
         for message in messages:
             if isinstance(message, Mapping):
-                chars += _content_chars(message.get("content"))
+                chars += content_chars(message.get("content"))
                 name = message.get("name")
                 if isinstance(name, str):
                     chars += len(name)
+        return tokens_for(chars, len(messages))
     prompt = body.get("prompt")
-    if isinstance(prompt, str):
-        chars += len(prompt)
-    elif isinstance(prompt, list):
-        chars += sum(len(p) for p in prompt if isinstance(p, str))
+    if isinstance(prompt, list):
+        return tokens_for(sum(len(p) for p in prompt if isinstance(p, str)), 0)
+    return tokens_for(len(prompt) if isinstance(prompt, str) else 0, 0)
+
+
+def tokens_for(chars: int, messages: int) -> int:
+    """The estimate for ``chars`` characters of text in ``messages`` chat messages (0: a plain prompt)."""
+    return -(-chars // 4) + (3 + 4 * messages if messages else 0)
+
+
+def answer_tokens(body: Mapping[str, Any]) -> int:
+    """``max_tokens * n``: what a server reserves for the answer at admission.
+
+    A body with no ``max_tokens`` (or ``max_completion_tokens``) is counted with
+    8192, what Atoma reserves for it.
+    """
     max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 0:
         max_tokens = 8192
     n = body.get("n")
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         n = 1
-    return -(-chars // 4) + overhead + max_tokens * n
+    return max_tokens * n
 
 
-def _content_chars(content: Any) -> int:
+def content_chars(content: Any) -> int:
+    """Characters of a message's content: a string, or a list of parts."""
     if isinstance(content, str):
         return len(content)
     if isinstance(content, list):

@@ -28,10 +28,11 @@ from typing import Any, Protocol
 import orjson
 
 from batch.errors import InputError
+from batch.limiter import content_chars, tokens_for
 from batch.records import Request, Row
 from batch.spec import JobSpec
 
-__all__ = ["RequestBuilder", "estimate_prompt_tokens"]
+__all__ = ["RequestBuilder"]
 
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
 
@@ -40,30 +41,6 @@ class Done(Protocol):
     """The ``(id, request fingerprint)`` keys an earlier run finished (``batch.writer.ResumeIndex``)."""
 
     def __contains__(self, key: tuple[str, str], /) -> bool: ...
-_PER_MESSAGE = 4
-
-
-def _text_chars(content: Any) -> int:
-    if isinstance(content, str):
-        return len(content)
-    if isinstance(content, list):
-        total = 0
-        for part in content:
-            if isinstance(part, dict):
-                text = part.get("text")
-                if isinstance(text, str):
-                    total += len(text)
-        return total
-    return 0
-
-
-def estimate_prompt_tokens(body: Mapping[str, Any]) -> int:
-    """Characters / 4 of the prompt (or every message's text) plus 4 per message."""
-    messages = body.get("messages")
-    if isinstance(messages, list):
-        chars = sum(_text_chars(m.get("content")) for m in messages if isinstance(m, dict))
-        return chars // 4 + _PER_MESSAGE * len(messages)
-    return _text_chars(body.get("prompt")) // 4
 
 
 class RequestBuilder:
@@ -135,8 +112,8 @@ class RequestBuilder:
             chars = 0
             for m in messages:
                 content = m.get("content")
-                chars += len(content) if type(content) is str else _text_chars(content)
-            est = chars // 4 + _PER_MESSAGE * len(messages)
+                chars += len(content) if type(content) is str else content_chars(content)
+            est = tokens_for(chars, len(messages))
         else:
             if row.messages is not None:
                 raise InputError(
@@ -144,7 +121,7 @@ class RequestBuilder:
                 )
             prompt = self._prefix + self.prompt_text(row)
             body["prompt"] = prompt
-            est = len(prompt) // 4
+            est = tokens_for(len(prompt), 0)
         body.update(self.params)
         digest = hashlib.blake2b(
             b"[" + self._endpoint_json + b"," + orjson.dumps(body, option=orjson.OPT_SORT_KEYS) + b"]",

@@ -44,7 +44,7 @@ from batch.errors import (
     RequestError,
     UsageError,
 )
-from batch.limiter import Limiter
+from batch.limiter import Limiter, answer_tokens
 from batch.pricing import Price, PriceTable
 from batch.progress import Progress
 from batch.prompts import RequestBuilder
@@ -276,7 +276,7 @@ class _Job:
         """One attempt at one row: wait for the rate budget, send, tell the limiter how it went."""
         body = request.body
         # what a server charges at admission: the prompt plus every token the answer may take
-        reserve = request.est_prompt_tokens + int(body.get("max_tokens") or 0) * int(body.get("n") or 1)
+        reserve = request.est_prompt_tokens + answer_tokens(body)
         reservation = await limiter.acquire(reserve)
         try:
             reply = await client.complete(body)

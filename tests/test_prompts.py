@@ -10,7 +10,8 @@ import orjson
 import pytest
 
 from batch.errors import InputError
-from batch.prompts import RequestBuilder, estimate_prompt_tokens
+from batch.limiter import prompt_tokens
+from batch.prompts import RequestBuilder
 from batch.records import Row
 from batch.spec import JobSpec, load_job
 
@@ -90,13 +91,14 @@ def test_fingerprint_is_a_hash_of_endpoint_and_body() -> None:
 
 def test_token_estimate() -> None:
     req = RequestBuilder(job()).build(row("x" * 40))
-    assert req.est_prompt_tokens == 10 + 4
-    assert req.est_prompt_tokens == estimate_prompt_tokens(req.body)
+    assert req.est_prompt_tokens == 10 + 4 + 3
+    assert req.est_prompt_tokens == prompt_tokens(req.body)
     parts = [{"role": "user", "content": [{"type": "text", "text": "y" * 8}, {"type": "image_url"}]}]
     req = RequestBuilder(job(**{"input.messages_column": "messages"})).build(row(None, parts))
-    assert req.est_prompt_tokens == 2 + 4
+    assert req.est_prompt_tokens == -(-(8 + 340) // 4) + 4 + 3  # an image part counts 340 characters
+    assert req.est_prompt_tokens == prompt_tokens(req.body)
     req = RequestBuilder(job(**{"api.endpoint": "completions"})).build(row("z" * 20))
-    assert req.est_prompt_tokens == 5 == estimate_prompt_tokens(req.body)
+    assert req.est_prompt_tokens == 5 == prompt_tokens(req.body)
 
 
 def test_a_template_that_cannot_render_names_the_row() -> None:
