@@ -12,7 +12,7 @@ import pytest
 from batch.client import Client, Timeouts
 from batch.errors import APIConnectionError
 from batch.simulator import SimConfig, SimServer
-from batch.transport import AiohttpTransport, default_transport
+from batch.transport import AiohttpTransport, FastTransport, default_transport
 
 BODY: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": "Say hello"}], "max_tokens": 32}
 
@@ -128,16 +128,17 @@ async def test_body_cut_midway_is_a_connection_error() -> None:
                     await client.complete(BODY)
 
 
-def test_default_transport_is_aiohttp_unless_a_proxy_it_cannot_use(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_default_transport_is_fast_unless_a_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
     url = httpx.URL("https://api.example.com/v1/chat/completions")
-    assert isinstance(default_transport(url, 8), AiohttpTransport)
+    assert isinstance(default_transport(url, 8), FastTransport)
+    assert isinstance(default_transport(httpx.URL("http://127.0.0.1:8000/v1"), 8), FastTransport)
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.local:3128")
     transport = default_transport(url, 8)
     assert isinstance(transport, AiohttpTransport)
     assert str(transport._proxy) == "http://proxy.local:3128"
-    assert default_transport(url, 8, trust_env=False)._proxy is None  # type: ignore[attr-defined]
+    assert isinstance(default_transport(url, 8, trust_env=False), FastTransport)
     monkeypatch.setenv("NO_PROXY", "api.example.com")
-    assert default_transport(url, 8)._proxy is None  # type: ignore[attr-defined]
+    assert isinstance(default_transport(url, 8), FastTransport)
     monkeypatch.delenv("NO_PROXY")
     monkeypatch.setenv("HTTPS_PROXY", "https://proxy.local:3129")  # aiohttp has no TLS-to-proxy
     assert isinstance(default_transport(url, 8), httpx.AsyncHTTPTransport)
@@ -145,7 +146,7 @@ def test_default_transport_is_aiohttp_unless_a_proxy_it_cannot_use(monkeypatch: 
 
 def test_client_without_a_transport_uses_the_default() -> None:
     client = Client("http://127.0.0.1:1/v1", endpoint="chat", stream=False, api_key=None, concurrency=3)
-    assert isinstance(client._transport, AiohttpTransport)
+    assert isinstance(client._transport, FastTransport)
     assert client._transport._limit == 3
 
 
