@@ -590,6 +590,7 @@ class FastTransport(httpx.AsyncBaseTransport):
         for waiter in self._waiters:
             if not waiter.done():
                 waiter.set_result(None)  # to find the transport closed
+        await asyncio.sleep(0)  # asyncio closes the sockets on the next turn of the loop
 
 
 def response_of(conn: _Connection, request: httpx.Request | None = None) -> httpx.Response:
