@@ -165,13 +165,18 @@ def _parse_created_str(text: str) -> datetime | None:
     return moment if tz is UTC else moment.astimezone(UTC)
 
 
+@lru_cache(maxsize=64)  # the same second again and again, as with strings
+def _from_timestamp(value: int | float) -> datetime:
+    return datetime.fromtimestamp(value, UTC)
+
+
 def parse_created(value: object) -> datetime | None:
     """``created`` as an aware UTC datetime: Unix seconds, ISO 8601, or Go's format; else None."""
     try:
         if isinstance(value, str):
             return _parse_created_str(value)
         if isinstance(value, int | float) and not isinstance(value, bool):
-            return datetime.fromtimestamp(value, UTC)
+            return _from_timestamp(value)
     except (ValueError, OverflowError, OSError):
         return None
     return None

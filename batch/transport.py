@@ -27,12 +27,14 @@ import ssl
 import urllib.request
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from typing import Any, Final, cast
+from typing import TYPE_CHECKING, Any, Final, cast
 
-import aiohttp
 import httptools
 import httpx
-from yarl import URL
+
+if TYPE_CHECKING:
+    import aiohttp
+    from yarl import URL
 
 __all__ = ["AiohttpTransport", "FastTransport", "default_transport", "headers_mapping", "response_of"]
 
@@ -42,6 +44,8 @@ _HTTP11: Final = b"HTTP/1.1"
 
 def _map_exception(exc: Exception) -> Exception:
     """The httpx exception for an aiohttp (or socket) exception; ``exc`` itself if none fits."""
+    import aiohttp
+
     message = str(exc) or type(exc).__name__
     mapped: type[httpx.TransportError]
     # Order matters: the most specific aiohttp classes first.
@@ -90,6 +94,8 @@ class _ResponseStream(httpx.AsyncByteStream):
         self._response = response
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
+        import aiohttp
+
         content = self._response.content
         try:
             while True:
@@ -121,6 +127,9 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         proxy: str | None = None,
         keepalive_s: float = 30.0,
     ) -> None:
+        # Imported here: only a job behind an http:// proxy needs aiohttp (half a second to import).
+        from yarl import URL
+
         if limit < 1:
             raise ValueError("limit must be at least 1")
         self._limit = limit
@@ -133,6 +142,8 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         self._timeouts: dict[tuple[Any, Any, Any], aiohttp.ClientTimeout] = {}
 
     def _open(self) -> aiohttp.ClientSession:
+        import aiohttp
+
         if self._closed:
             raise RuntimeError("the transport is closed")
         verify = self._verify
@@ -155,6 +166,8 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         return self._session
 
     def _timeout(self, timeouts: Any) -> aiohttp.ClientTimeout:
+        import aiohttp
+
         # httpx puts {"connect", "read", "write", "pool"} on every request; a few distinct values a job.
         if not timeouts:
             key: tuple[Any, Any, Any] = (None, None, None)
@@ -172,12 +185,16 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         text = str(url)
         parsed = self._urls.get(text)
         if parsed is None:
+            from yarl import URL
+
             parsed = URL(text, encoded=True)
             if len(self._urls) < 256:  # a job posts to one URL; don't grow without bound
                 self._urls[text] = parsed
         return parsed
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        import aiohttp
+
         session = self._session or self._open()
         try:
             content = request.content
