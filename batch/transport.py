@@ -1,4 +1,12 @@
-"""An httpx transport over aiohttp: httpx's interface, aiohttp's speed.
+"""The client's transports: ``FastTransport`` (the default) and ``AiohttpTransport`` (behind a proxy).
+
+``FastTransport`` speaks HTTP/1.1 with keep-alive itself, on asyncio protocols with
+httptools parsing the answers; ``Client`` hands it request bytes and reads status,
+headers and body straight off the connection, with no httpx objects for a 2xx JSON
+answer. It is an ``httpx.AsyncBaseTransport`` too, for everything else. Proxies are
+left to the transports below.
+
+An httpx transport over aiohttp: httpx's interface, aiohttp's speed.
 
 httpx's own connection pool does work proportional to its open connections on
 every request, which caps a client at a few hundred requests per second once
@@ -580,6 +588,8 @@ class FastTransport(httpx.AsyncBaseTransport):
         url = request.url
         if url.scheme not in ("http", "https"):
             raise httpx.UnsupportedProtocol(f"unsupported URL scheme {url.scheme!r}")
+        if request.method == "HEAD":  # the parser would wait for the body a HEAD answer announces
+            raise httpx.LocalProtocolError("HEAD is not supported by this transport")
         try:
             content = request.content
         except httpx.RequestNotRead:
