@@ -40,7 +40,7 @@ from httpx_sse import EventSource, SSEError
 from batch import __version__
 from batch.errors import APIConnectionError, APIStatusError, RequestError, ResponseError
 from batch.records import Completion, Usage
-from batch.transport import default_transport
+from batch.transport import FastTransport, default_transport, headers_mapping, response_of
 
 _log = logging.getLogger(__name__)
 
@@ -165,13 +165,18 @@ def _parse_created_str(text: str) -> datetime | None:
     return moment if tz is UTC else moment.astimezone(UTC)
 
 
+@lru_cache(maxsize=64)  # the same second again and again, as with strings
+def _from_timestamp(value: int | float) -> datetime:
+    return datetime.fromtimestamp(value, UTC)
+
+
 def parse_created(value: object) -> datetime | None:
     """``created`` as an aware UTC datetime: Unix seconds, ISO 8601, or Go's format; else None."""
     try:
         if isinstance(value, str):
             return _parse_created_str(value)
         if isinstance(value, int | float) and not isinstance(value, bool):
-            return datetime.fromtimestamp(value, UTC)
+            return _from_timestamp(value)
     except (ValueError, OverflowError, OSError):
         return None
     return None
@@ -506,6 +511,15 @@ class Client:
         self._transport: Final = (
             transport if transport is not None else default_transport(self._url, concurrency, trust_env=True)
         )
+        # With our own transport, the request is bytes built here and no httpx objects are
+        # made for a 2xx JSON answer; anything else goes through the httpx.Response path.
+        url = self._url
+        self._fast_key = (url.scheme, url.host, url.port or (443 if url.scheme == "https" else 80))
+        self._fast_head = b"".join(
+            [b"POST %s HTTP/1.1\r\n" % url.raw_path, *(b"%s: %s\r\n" % pair for pair in headers), b"Content-Length: "]
+        )
+        self._connect_s = timeouts.connect
+        self._read_s = timeouts.read
         self._timeout_messages: dict[type[httpx.TimeoutException], str] = {
             httpx.ConnectTimeout: f"connect timed out after {timeouts.connect:g}s",
             httpx.ReadTimeout: f"no data from the server for {timeouts.read:g}s (read timeout)",
@@ -568,6 +582,32 @@ class Client:
             raise self._redact(exc) from None
 
     async def _send(self, content: bytes, started: float) -> Reply:
+        transport = self._transport
+        if type(transport) is FastTransport:
+            conn = await transport.post(
+                self._fast_key, b"%s%d\r\n\r\n%s" % (self._fast_head, len(content), content),
+                self._connect_s, self._read_s,
+            )
+            headers = headers_mapping(conn.raw_headers)
+            status = conn.status
+            if (
+                200 <= status < 300
+                and "content-encoding" not in headers
+                and (not self._stream or "json" in headers.get("content-type", ""))
+            ):
+                try:
+                    length = headers.get("content-length")
+                    if length is not None and length.isdigit() and int(length) > self._max_body:
+                        raise ResponseError(f"response body is {length} bytes, over the {self._max_body}-byte limit")
+                    body = await conn.read_body(self._max_body)
+                finally:
+                    conn.release()
+                if body is None:
+                    raise ResponseError(f"response body is larger than {self._max_body} bytes")
+                if _log.isEnabledFor(logging.DEBUG):
+                    _log.debug("POST %s: HTTP %d after %.3f s", self._url, status, self._clock() - started)
+                return Reply(parse_completion(body, self._endpoint), status, headers, self._clock() - started)
+            return await self._answer(response_of(conn), None, started)
         # What httpx.AsyncClient.stream() does for us, minus its per-request overhead
         # (header merging, auth and redirect flows, cookie extraction): straight to the transport.
         request = httpx.Request(
@@ -579,8 +619,12 @@ class Client:
         )
         request.read()  # the body is in memory; lets transports use request.content
         response = await self._transport.handle_async_request(request)
+        return await self._answer(response, request, started)
+
+    async def _answer(self, response: httpx.Response, request: httpx.Request | None, started: float) -> Reply:
         try:
-            response.request = request
+            if request is not None:
+                response.request = request
             status = response.status_code
             if _log.isEnabledFor(logging.DEBUG):
                 # the URL and status only: headers carry the key

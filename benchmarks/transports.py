@@ -6,7 +6,7 @@
 The simulator runs as its own process pinned to CPU 0, the client in a process
 pinned to CPU 1, so the client's CPU time (``time.process_time``) is its own.
 Options: ``httpx`` (httpx's own pool), ``httpx-aiohttp`` (httpx_aiohttp.AiohttpTransport),
-``lean`` (batch.transport.AiohttpTransport), ``default`` (Client with no transport),
+``lean`` (batch.transport.AiohttpTransport), ``fast`` (batch.transport.FastTransport), ``default`` (Client with no transport),
 and ``aiohttp`` (bare aiohttp.ClientSession posts with orjson, no Client: the floor).
 """
 
@@ -24,7 +24,7 @@ import time
 from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OPTIONS = ("httpx", "httpx-aiohttp", "lean", "aiohttp", "default")
+OPTIONS = ("httpx", "httpx-aiohttp", "lean", "fast", "aiohttp", "default")
 
 
 def _body(i: int) -> dict[str, Any]:
@@ -45,6 +45,10 @@ def _transport(option: str, concurrency: int) -> Any:
         from batch.transport import AiohttpTransport as Lean
 
         return Lean(limit=concurrency)
+    if option == "fast":
+        from batch.transport import FastTransport
+
+        return FastTransport(limit=concurrency)
     return None
 
 
@@ -157,7 +161,7 @@ def main() -> None:
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int)
     parser.add_argument("--option", choices=OPTIONS, default="lean")
-    parser.add_argument("--options", default="httpx-aiohttp,lean,aiohttp", help="comma-separated options to measure")
+    parser.add_argument("--options", default="lean,fast,aiohttp", help="comma-separated options to measure")
     parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
     parser.add_argument("--stream", action="store_true")
     parser.add_argument("--concurrency", type=int, default=256)
