@@ -92,6 +92,7 @@ _RESULT_NAMES = tuple(f.name for f in RESULT_FIELDS)
 _DIRECT = tuple(n for n in _RESULT_NAMES if n != "request_fingerprint")
 
 METADATA_KEY = b"promptmill.job"
+_ROW_GROUP_ROWS = 65_536  # rows of a row group of the assembled output
 # between id and request fingerprint in a resume key (a fingerprint is hex, so never holds it)
 _KEY_SEP = "\x1f"
 _PART_RE = re.compile(r"^run-(\d{4,})-part-(\d{6,})\.parquet$")
@@ -472,6 +473,10 @@ def assemble(output: Path, schema: pa.Schema) -> int:
     total = 0
     with open(tmp, "wb") as fh:
         writer = pq.ParquetWriter(fh, schema, compression="zstd")
+        # Parts are small; written one by one they would make thousands of tiny row
+        # groups, whose metadata the writer holds until it closes. Gather them instead.
+        pending: list[pa.RecordBatch] = []
+        pending_rows = 0
         try:
             for i, path in enumerate(sources):
                 start = offsets[i]
@@ -479,10 +484,14 @@ def assemble(output: Path, schema: pa.Schema) -> int:
                     kept = batch if mask is None else batch.filter(mask.slice(start, batch.num_rows))
                     start += batch.num_rows
                     if kept.num_rows:
-                        writer.write_batch(kept)
+                        pending.append(kept)
+                        pending_rows += kept.num_rows
                         total += kept.num_rows
-            if total == 0:
-                writer.write_table(schema.empty_table())
+                    if pending_rows >= _ROW_GROUP_ROWS:
+                        writer.write_table(pa.Table.from_batches(pending, schema=schema))
+                        pending, pending_rows = [], 0
+            if pending or total == 0:
+                writer.write_table(pa.Table.from_batches(pending, schema=schema))
         finally:
             writer.close()
         fh.flush()

@@ -166,3 +166,17 @@ def test_fresh_discards_parts_and_output(tmp_path: Path) -> None:
     out.discard_progress(output)
     assert not output.exists()
     assert len(out.load_index(output)) == 0
+
+
+def test_assembly_gathers_small_parts_into_large_row_groups(tmp_path: Path) -> None:
+    output = tmp_path / "res.parquet"
+    schema = out.output_schema(PASS)
+    w = out.PartWriter(output, schema, run=1)
+    for part in range(40):
+        for i in range(25):
+            w.add(result(part * 25 + i))
+        w.flush()
+    assert out.assemble(output, schema) == 1000
+    meta = pq.ParquetFile(output).metadata
+    assert meta.num_rows == 1000
+    assert meta.num_row_groups == 1  # not 40 row groups of 25 rows
