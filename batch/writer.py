@@ -92,7 +92,7 @@ _RESULT_NAMES = tuple(f.name for f in RESULT_FIELDS)
 _DIRECT = tuple(n for n in _RESULT_NAMES if n != "request_fingerprint")
 
 METADATA_KEY = b"promptmill.job"
-_ROW_GROUP_ROWS = 65_536  # rows of a row group of the assembled output
+_ROW_GROUP_ROWS = 32_768  # rows of a row group of the assembled output
 # between id and request fingerprint in a resume key (a fingerprint is hex, so never holds it)
 _KEY_SEP = "\x1f"
 _PART_RE = re.compile(r"^run-(\d{4,})-part-(\d{6,})\.parquet$")
@@ -469,6 +469,7 @@ def assemble(output: Path, schema: pa.Schema) -> int:
     hashes, offsets = _id_hashes(sources)
     mask = _winners(_latest_rows(sources)[0]) if _any_repeat(hashes) else None
     del hashes
+    pa.default_memory_pool().release_unused()
     tmp = output.with_name(f".{output.name}.tmp")
     total = 0
     with open(tmp, "wb") as fh:
