@@ -92,7 +92,7 @@ _RESULT_NAMES = tuple(f.name for f in RESULT_FIELDS)
 _DIRECT = tuple(n for n in _RESULT_NAMES if n != "request_fingerprint")
 
 METADATA_KEY = b"promptmill.job"
-_ROW_GROUP_ROWS = 32_768  # rows of a row group of the assembled output
+_ROW_GROUP_ROWS = 16_384  # rows of a row group of the assembled output
 # between id and request fingerprint in a resume key (a fingerprint is hex, so never holds it)
 _KEY_SEP = "\x1f"
 _PART_RE = re.compile(r"^run-(\d{4,})-part-(\d{6,})\.parquet$")
@@ -466,10 +466,18 @@ def assemble(output: Path, schema: pa.Schema) -> int:
     # Usually no id repeats (a first run, or a rerun that redid nothing): 8 bytes
     # an id prove it. Only otherwise are the ids themselves grouped to find each
     # one's newest row.
-    hashes, offsets = _id_hashes(sources)
-    mask = _winners(_latest_rows(sources)[0]) if _any_repeat(hashes) else None
-    del hashes
-    pa.default_memory_pool().release_unused()
+    mask = None
+    runs = {m.group(1) for p in sources if (m := _PART_RE.match(p.name))}
+    if output in sources or len(runs) > 1:
+        # ids are unique within one run (the input's are checked, each row is done
+        # once); only an earlier run's rows can repeat one
+        hashes, offsets = _id_hashes(sources)
+        if _any_repeat(hashes):
+            mask = _winners(_latest_rows(sources)[0])
+        del hashes
+        pa.default_memory_pool().release_unused()
+    else:
+        offsets = [0] * (len(sources) + 1)  # row positions matter only with a mask
     tmp = output.with_name(f".{output.name}.tmp")
     total = 0
     with open(tmp, "wb") as fh:
