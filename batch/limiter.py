@@ -247,6 +247,45 @@ class Reservation:
     done: bool = False
 
 
+@dataclass(slots=True)
+class _HeaderLimit:
+    """What a server's ``x-ratelimit-*-requests`` (or ``-tokens``) headers said."""
+
+    kind: str  # "requests" or "tokens"
+    limit: float | None = None
+    window: float = 0.0
+    budget: float | None = None  # remaining until reset_at
+    reset_at: float = -math.inf
+    budget_seq: int = -1  # the request whose answer the budget came from
+
+    def apply(self, headers: Mapping[str, str], now: float, seq: int | None, sent_since: float) -> bool:
+        """Follow one answer's headers; whether anything changed. ``sent_since`` is what
+        was sent after the request ``seq`` the answer belongs to (in this kind's units)."""
+        changed = False
+        limit = _number(headers, f"x-ratelimit-limit-{self.kind}")
+        reset = _duration(headers, f"x-ratelimit-reset-{self.kind}")
+        if limit is not None and limit > 0:
+            window = max(self.window, reset or 0.0) or _DEFAULT_WINDOW_S
+            if limit != self.limit or window != self.window:
+                self.limit, self.window = limit, window
+                changed = True
+        remaining = _number(headers, f"x-ratelimit-remaining-{self.kind}")
+        if remaining is not None and reset is not None and self._fresher(seq):
+            self.budget = remaining - sent_since
+            self.reset_at = now + reset
+            changed = True
+        return changed
+
+    def _fresher(self, seq: int | None) -> bool:
+        """Whether an answer to request ``seq`` is newer than the one the budget came from."""
+        if seq is None:
+            return True
+        if seq < self.budget_seq:
+            return False
+        self.budget_seq = seq
+        return True
+
+
 @dataclass(frozen=True, slots=True)
 class LimiterStats:
     """A snapshot for the summary and benchmarks. Rates are per minute; ``None`` = unpaced."""
@@ -310,16 +349,8 @@ class Limiter:
         self._bound_at = -math.inf  # last time a waiter had to wait for the pace
 
         # limits learned from headers
-        self._hdr_req_limit: float | None = None
-        self._hdr_tok_limit: float | None = None
-        self._hdr_req_window = 0.0
-        self._hdr_tok_window = 0.0
-        self._req_budget: float | None = None  # remaining requests until _req_reset_at
-        self._req_reset_at = -math.inf
-        self._req_budget_seq = -1
-        self._tok_budget: float | None = None
-        self._tok_reset_at = -math.inf
-        self._tok_budget_seq = -1
+        self._hdr_req = _HeaderLimit("requests")
+        self._hdr_tok = _HeaderLimit("tokens")
 
         # adaptive rate (requests per second), learned from bare 429s
         self._rate: float | None = None  # the learned pace; None = unpaced
@@ -381,16 +412,16 @@ class Limiter:
             start = self._next_req
         if self._tok_rate and self._next_tok > start:
             start = self._next_tok
-        if self._req_budget is not None:
-            if now >= self._req_reset_at:
-                self._req_budget = None
-            elif self._req_budget < 1 and self._req_reset_at > start:
-                start = self._req_reset_at
-        if self._tok_budget is not None:
-            if now >= self._tok_reset_at:
-                self._tok_budget = None
-            elif self._tok_budget < tokens and self._tok_reset_at > start:
-                start = self._tok_reset_at
+        if self._hdr_req.budget is not None:
+            if now >= self._hdr_req.reset_at:
+                self._hdr_req.budget = None
+            elif self._hdr_req.budget < 1 and self._hdr_req.reset_at > start:
+                start = self._hdr_req.reset_at
+        if self._hdr_tok.budget is not None:
+            if now >= self._hdr_tok.reset_at:
+                self._hdr_tok.budget = None
+            elif self._hdr_tok.budget < tokens and self._hdr_tok.reset_at > start:
+                start = self._hdr_tok.reset_at
         return start - now
 
     def _take(self, now: float, tokens: int) -> Reservation:
@@ -410,10 +441,10 @@ class Limiter:
             # after the (now earlier) slot, and that lateness must not be lost.
             self._next_tok = max(self._next_tok, now - _LATE_S - self._tok_credit) + tokens / self._tok_rate
             self._tok_credit = 0.0
-        if self._req_budget is not None:
-            self._req_budget -= 1
-        if self._tok_budget is not None:
-            self._tok_budget -= tokens
+        if self._hdr_req.budget is not None:
+            self._hdr_req.budget -= 1
+        if self._hdr_tok.budget is not None:
+            self._hdr_tok.budget -= tokens
         if not (self._req_interval or self._tok_rate):
             self._update_free(now)
         return res
@@ -467,7 +498,8 @@ class Limiter:
         were sent after the one the headers describe, and whether a success
         answers a request sent before or after the server started refusing.
         """
-        if not self._adaptive and self._free and not _has_rate_headers(headers):
+        has_headers = _has_rate_headers(headers)
+        if not self._adaptive and self._free and not has_headers:
             return
         now = self._clock()
         if self._adaptive:
@@ -480,7 +512,7 @@ class Limiter:
                     self._reopen(now)
                 elif self._rate is not None:
                     self._grow(now)
-        if _has_rate_headers(headers):
+        if has_headers:
             self._apply_headers(headers, now, reservation)
 
     def on_rate_limited(
@@ -504,10 +536,10 @@ class Limiter:
             fresh = False  # no way to tell; a 429 during a pause belongs to it
         if wait is None and has_limits:
             resets = []
-            if self._req_budget is not None and self._req_budget < 1:
-                resets.append(self._req_reset_at - now)
-            if self._tok_budget is not None and self._tok_budget <= 0:
-                resets.append(self._tok_reset_at - now)
+            if self._hdr_req.budget is not None and self._hdr_req.budget < 1:
+                resets.append(self._hdr_req.reset_at - now)
+            if self._hdr_tok.budget is not None and self._hdr_tok.budget <= 0:
+                resets.append(self._hdr_tok.reset_at - now)
             wait = max(resets) if resets else None
         if not has_limits and self._adaptive:
             adaptive_wait = self._adapt(now) if fresh else max(0.0, self._paused_until - now)
@@ -617,48 +649,15 @@ class Limiter:
         self, headers: Mapping[str, str], now: float, reservation: Reservation | None
     ) -> None:
         seq = reservation.seq if reservation is not None else None
-        changed = False
-        limit = _number(headers, "x-ratelimit-limit-requests")
-        reset = _duration(headers, "x-ratelimit-reset-requests")
-        if limit is not None and limit > 0:
-            window = max(self._hdr_req_window, reset or 0.0) or _DEFAULT_WINDOW_S
-            if limit != self._hdr_req_limit or window != self._hdr_req_window:
-                self._hdr_req_limit, self._hdr_req_window = limit, window
-                changed = True
-        remaining = _number(headers, "x-ratelimit-remaining-requests")
-        if remaining is not None and reset is not None and self._fresher(seq, "_req_budget_seq"):
-            sent_since = self._seq - seq if seq is not None else self._in_flight
-            self._req_budget = remaining - sent_since
-            self._req_reset_at = now + reset
-            changed = True
-
-        limit = _number(headers, "x-ratelimit-limit-tokens")
-        reset = _duration(headers, "x-ratelimit-reset-tokens")
-        if limit is not None and limit > 0:
-            window = max(self._hdr_tok_window, reset or 0.0) or _DEFAULT_WINDOW_S
-            if limit != self._hdr_tok_limit or window != self._hdr_tok_window:
-                self._hdr_tok_limit, self._hdr_tok_window = limit, window
-                changed = True
-        remaining = _number(headers, "x-ratelimit-remaining-tokens")
-        if remaining is not None and reset is not None and self._fresher(seq, "_tok_budget_seq"):
-            if reservation is not None:
-                sent_since = self._tokens_total - reservation.tokens_before - reservation.tokens
-            else:
-                sent_since = self._in_flight * self._max_tokens
-            self._tok_budget = remaining - sent_since
-            self._tok_reset_at = now + reset
-            changed = True
+        sent_requests = self._seq - seq if seq is not None else self._in_flight
+        if reservation is not None:
+            sent_tokens = self._tokens_total - reservation.tokens_before - reservation.tokens
+        else:
+            sent_tokens = self._in_flight * self._max_tokens
+        changed = self._hdr_req.apply(headers, now, seq, sent_requests)
+        changed = self._hdr_tok.apply(headers, now, seq, sent_tokens) or changed
         if changed:
             self._recompute(now)
-
-    def _fresher(self, seq: int | None, attr: str) -> bool:
-        """Whether an answer to request ``seq`` is newer than the one the budget came from."""
-        if seq is None:
-            return True
-        if seq < getattr(self, attr):
-            return False
-        setattr(self, attr, seq)
-        return True
 
     # ------------------------------------------------------------------ pacing
 
@@ -666,8 +665,8 @@ class Limiter:
         req_rate = math.inf
         if self._rpm is not None:
             req_rate = self._util * self._rpm / 60.0
-        if self._hdr_req_limit is not None:
-            req_rate = min(req_rate, self._util * self._hdr_req_limit / self._hdr_req_window)
+        if self._hdr_req.limit is not None:
+            req_rate = min(req_rate, self._util * self._hdr_req.limit / self._hdr_req.window)
         if self._probing:
             req_rate = min(req_rate, 1.0 / self._probe_s)
         elif self._rate is not None:
@@ -678,7 +677,7 @@ class Limiter:
         # lose it, as long as the window keeps room for it: then any window holds at
         # most rate * window + two requests. Without it, varied sizes cost ~5 %.
         bank_room = math.inf
-        for limit in (self._rpm, self._hdr_req_limit):
+        for limit in (self._rpm, self._hdr_req.limit):
             if limit is not None:
                 bank_room = min(bank_room, (1.0 - self._util) * limit - 1.0)
         if self._rate is not None or self._probing:
@@ -686,7 +685,7 @@ class Limiter:
         self._req_bank = 0.0
 
         tok_rate = math.inf
-        for limit, window in ((self._tpm, 60.0), (self._hdr_tok_limit, self._hdr_tok_window)):
+        for limit, window in ((self._tpm, 60.0), (self._hdr_tok.limit, self._hdr_tok.window)):
             if limit is not None:
                 # any window then holds at most rate * window + one request
                 per_window = max(min(self._util * limit, limit - self._max_tokens), 0.5 * limit)
@@ -700,8 +699,8 @@ class Limiter:
         self._free = not (
             self._req_interval
             or self._tok_rate
-            or self._req_budget is not None
-            or self._tok_budget is not None
+            or self._hdr_req.budget is not None
+            or self._hdr_tok.budget is not None
             or self._paused_until > now
         )
 
@@ -727,11 +726,11 @@ class Limiter:
             if self._rate is None
             else 60.0 * self._rate,
             header_rpm=None
-            if self._hdr_req_limit is None
-            else 60.0 * self._hdr_req_limit / self._hdr_req_window,
+            if self._hdr_req.limit is None
+            else 60.0 * self._hdr_req.limit / self._hdr_req.window,
             header_tpm=None
-            if self._hdr_tok_limit is None
-            else 60.0 * self._hdr_tok_limit / self._hdr_tok_window,
+            if self._hdr_tok.limit is None
+            else 60.0 * self._hdr_tok.limit / self._hdr_tok.window,
         )
 
 

@@ -28,17 +28,18 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import anyio
 import httpx
 import orjson
 import pyarrow as pa
 
+from batch import __version__
 from batch import writer as out
 from batch.client import Client, Reply, Timeouts
 from batch.errors import (
     APIConnectionError,
-    JobFileError,
     JobStopped,
     OutputError,
     PromptmillError,
@@ -58,8 +59,6 @@ from batch.summary import Summary
 __all__ = ["RunOptions", "check_api", "job_identity", "run_job"]
 
 log = logging.getLogger(__name__)
-
-SIMULATOR = "simulator"
 
 
 @dataclass(slots=True)
@@ -82,30 +81,22 @@ class RunOptions:
 
 
 def check_api(spec: JobSpec) -> str | None:
-    """Validate the base URL and find the API key; returns the key (or None where none is needed)."""
-    base_url = spec.api.base_url
+    """Find the API key, and refuse a job that would need one it lacks or send it in clear text."""
     env = spec.api.api_key_env
     key = os.environ.get(env) or None
-    if base_url == SIMULATOR:
+    if spec.api.is_simulator:
         return key
-    try:
-        url = httpx.URL(base_url)
-    except (httpx.InvalidURL, TypeError) as exc:
-        raise JobFileError(f"the base URL {base_url!r} cannot be parsed: {exc}", path=spec.source, key="api.base_url") from None
-    if url.scheme not in ("http", "https") or not url.host:
-        raise JobFileError(
-            f"the base URL {base_url!r} must look like https://host/v1 (or 'simulator')",
-            path=spec.source, key="api.base_url",
-        )
-    loopback = is_loopback(url.host)
+    url = urlsplit(spec.api.base_url)  # the spec has checked it parses, with an http(s) scheme and a host
+    host = url.hostname or ""
+    loopback = is_loopback(host)
     if key is None and not loopback:
         raise UsageError(
             f"no API key: set the environment variable {env} (the job's api.api_key_env) "
-            f"to your key for {url.host}"
+            f"to your key for {host}"
         )
     if key is not None and url.scheme == "http" and not loopback and not spec.api.allow_insecure_http:
         raise UsageError(
-            f"refusing to send the API key over plain http to {url.host}; use https, "
+            f"refusing to send the API key over plain http to {host}; use https, "
             "or set api.allow_insecure_http = true (--allow-insecure-http) if you mean it"
         )
     return key
@@ -130,20 +121,14 @@ def _metadata(spec: JobSpec, identity: dict[str, Any]) -> dict[bytes, bytes]:
     if isinstance(settings.get("simulator"), dict) and settings["simulator"].get("api_key") is not None:
         # the key a built-in simulator expects is the job's real key too, as often as not
         settings["simulator"]["api_key"] = "***"
-    doc = {"identity": identity, "settings": settings, "promptmill": _version()}
+    doc = {"identity": identity, "settings": settings, "promptmill": __version__}
     return {out.METADATA_KEY: orjson.dumps(doc, default=str)}
-
-
-def _version() -> str:
-    from batch import __version__
-
-    return __version__
 
 
 @asynccontextmanager
 async def _endpoint(spec: JobSpec) -> AsyncIterator[str]:
     """The base URL to send to: the job's, or a simulator started for this job's lifetime."""
-    if spec.api.base_url != SIMULATOR:
+    if not spec.api.is_simulator:
         yield spec.api.base_url
         return
     from batch.simulator import SimConfig, SimServer
@@ -262,14 +247,14 @@ class _Job:
                         partial(self._attempt, request, client, limiter), row_id=request.id
                     )
                 except RequestError as exc:
-                    self.in_flight -= 1
                     exc.row_id = request.id
                     if classify(exc) == "fatal":
                         self.stop_now(exc)
                         return
                     self.record(self._failure(request, exc, clock() - started))
                     continue
-                self.in_flight -= 1
+                finally:
+                    self.in_flight -= 1
                 self.record(self._success(request, reply, attempts))
 
     @staticmethod
@@ -295,6 +280,7 @@ class _Job:
         # settle against the real prompt size; the answer's share stays reserved as the server counts it
         limiter.settle(reservation, reserve - request.est_prompt_tokens + usage.prompt_tokens if usage else None)
         return reply
+
     def _success(self, request: Request, reply: Reply, attempts: int) -> Result:
         c = reply.completion
         u = c.usage
@@ -475,6 +461,4 @@ async def _watch_signals(job: _Job) -> None:
                 return
 
 
-def exit_code_for_signal(signum: int) -> int:
-    return 128 + signum
 

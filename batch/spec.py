@@ -49,7 +49,6 @@ file and a ``None`` value means "not given". Every mistake becomes one
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import logging
 import re
@@ -63,7 +62,6 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-import orjson
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -86,7 +84,6 @@ __all__ = [
     "RequestSpec",
     "RetrySpec",
     "is_loopback",
-    "job_fingerprint",
     "load_job",
     "template_fields",
 ]
@@ -363,32 +360,6 @@ class JobSpec(BaseModel):
             when = when.astimezone(UTC)
         return Path(self.output.path.format(date=when.strftime("%Y-%m-%d"), job=self.name))
 
-    def price(self, model: str) -> PriceSpec | None:
-        """Prices for ``model`` (the request's model name), if the job gives them."""
-        return self.pricing.get(model)
-
-
-def job_fingerprint(spec: JobSpec) -> str:
-    """A short hash of what makes two runs' outputs comparable.
-
-    It covers the endpoint, the request body parameters (model, max_tokens,
-    sampling, extra fields), and how rows become prompts (id, prompt, messages
-    and template columns, system prompt). It leaves out what does not change an
-    answer: paths, concurrency, limits, retry, streaming, timeouts and the key.
-    """
-    inp = spec.input
-    canonical = {
-        "endpoint": spec.api.endpoint,
-        "model": spec.request.model,
-        "params": spec.request.params(),
-        "id_column": inp.id_column,
-        "prompt_column": inp.prompt_column if inp.messages_column is None and inp.prompt_template is None else None,
-        "messages_column": inp.messages_column,
-        "prompt_template": inp.prompt_template,
-        "system_prompt": inp.system_prompt,
-    }
-    data = orjson.dumps(canonical, option=orjson.OPT_SORT_KEYS, default=str)
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
 # --- loading -----------------------------------------------------------------

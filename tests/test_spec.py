@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from batch.errors import JobFileError
-from batch.spec import JobSpec, job_fingerprint, load_job
+from batch.spec import JobSpec, load_job
 
 GOOD = """\
 [job]
@@ -111,8 +111,7 @@ def test_good_job_file(tmp_path: Path) -> None:
     assert spec.limits.rpm == 600
     assert spec.limits.tpm is None
     assert spec.retry.max_attempts == 3
-    llama = spec.price("llama")
-    assert llama is not None
+    llama = spec.pricing["llama"]
     assert (llama.input, llama.output, llama.cached_input) == (0.5, 1.5, 0.5)
     other = spec.pricing["other"]
     assert (other.input, other.output, other.cached_input) == (1.0, 2.0, 0.25)
@@ -321,28 +320,3 @@ def test_simulator_table_is_kept(tmp_path: Path) -> None:
     assert spec.simulator == {"latency_ms": 5}
 
 
-def test_job_fingerprint_tracks_what_changes_answers(tmp_path: Path) -> None:
-    path = write(tmp_path, GOOD)
-    base = job_fingerprint(load_job(path))
-    assert len(base) == 32
-    assert job_fingerprint(load_job(path)) == base
-    same = [
-        {"limits.concurrency": 1},
-        {"retry.max_attempts": 9},
-        {"output.path": "elsewhere.parquet"},
-        {"api.stream": False},
-        {"api.api_key_env": "OTHER_KEY"},
-    ]
-    for overrides in same:
-        assert job_fingerprint(load_job(path, overrides)) == base, overrides
-    different = [
-        {"request.model": "other"},
-        {"request.max_tokens": 65},
-        {"request.temperature": 0.3},
-        {"api.endpoint": "completions"},
-        {"input.system_prompt": "Be kind."},
-        {"input.prompt_template": "Title: {title}"},
-        {"request.logprobs": True},
-    ]
-    for overrides in different:
-        assert job_fingerprint(load_job(path, overrides)) != base, overrides
