@@ -38,7 +38,7 @@ from batch.errors import InputError
 from batch.records import Row
 from batch.spec import InputSpec
 
-__all__ = ["ERROR_KEY", "InputReader", "row_error"]
+__all__ = ["ERROR_KEY", "InputReader", "hashes_repeat", "row_error"]
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ def _check_messages(value: Any) -> list[dict[str, Any]]:
     return out
 
 
-def _may_repeat(hashes: array[int]) -> bool:
+def hashes_repeat(hashes: array[int]) -> bool:
     """Whether two of these hashes are equal (sorted by Arrow: 16 bytes a hash at most)."""
     if len(hashes) < 2:
         return False
@@ -314,6 +314,19 @@ class InputReader:
 
     # --- ids -------------------------------------------------------------------
 
+    def check(self) -> None:
+        """Everything :meth:`check_ids` and :meth:`check_rows` check, reading a JSONL file once."""
+        if self.format == "jsonl" and not self.fail_rows and self.id_column is not None:
+            # building every row checks each line; their ids' hashes come with it
+            hashes: array[int] = array("q")
+            for batch in self.batches(_ID_CHUNK):
+                hashes.extend([hash(row.id) for row in batch])
+            if hashes_repeat(hashes):
+                self._check_jsonl_ids(self.id_column)
+            return
+        self.check_ids()
+        self.check_rows()
+
     def check_ids(self) -> None:
         """Raise InputError if two rows share an id, naming the first few.
 
@@ -327,9 +340,9 @@ class InputReader:
         # costs 8 MB here; only when two hashes match is the input read again,
         # exactly, to confirm and name the duplicates.
         if self.format == "parquet":
-            if _may_repeat(self._parquet_id_hashes(self.id_column)):
+            if hashes_repeat(self._parquet_id_hashes(self.id_column)):
                 self._check_parquet_ids(self.id_column)
-        elif _may_repeat(self._jsonl_id_hashes(self.id_column)):
+        elif hashes_repeat(self._jsonl_id_hashes(self.id_column)):
             self._check_jsonl_ids(self.id_column)
 
     def _parquet_id_hashes(self, column: str) -> array[int]:

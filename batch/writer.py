@@ -41,6 +41,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batch.errors import OutputError
+from batch.reader import hashes_repeat
 from batch.records import Result
 
 __all__ = [
@@ -356,15 +357,6 @@ def _id_hashes(sources: list[Path]) -> tuple[array[int], list[int]]:
     return hashes, offsets
 
 
-def _any_repeat(hashes: array[int]) -> bool:
-    """Whether two hashes are equal (sorted by Arrow: 16 bytes a hash at most)."""
-    if len(hashes) < 2:
-        return False
-    values = pa.Array.from_buffers(pa.int64(), len(hashes), [None, pa.py_buffer(hashes)])
-    ordered = pc.take(values, pc.array_sort_indices(values))
-    return bool(pc.any(pc.equal(ordered[1:], ordered[:-1])).as_py())
-
-
 def _winners(all_rows: pa.Table) -> pa.Array:
     """A boolean mask: True where a row is the newest for its id."""
     n = all_rows.num_rows
@@ -472,7 +464,7 @@ def assemble(output: Path, schema: pa.Schema) -> int:
         # ids are unique within one run (the input's are checked, each row is done
         # once); only an earlier run's rows can repeat one
         hashes, offsets = _id_hashes(sources)
-        if _any_repeat(hashes):
+        if hashes_repeat(hashes):
             mask = _winners(_latest_rows(sources)[0])
         del hashes
         pa.default_memory_pool().release_unused()

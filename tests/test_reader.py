@@ -405,3 +405,14 @@ def test_check_rows_finds_a_null_deep_in_a_parquet_file_before_anything_is_sent(
         reader.check_rows()
     assert (err.value.line, err.value.column) == (68_001, column)
     assert words in str(err.value)
+
+
+def test_check_reads_a_jsonl_input_once_and_finds_duplicates_and_bad_rows(tmp_path: Path) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(orjson.dumps({"id": f"r{i % 900}", "prompt": "p"}).decode() + "\n" for i in range(1000)))
+    with pytest.raises(InputError, match="duplicate ids"):
+        InputReader(spec(path)).check()
+    path.write_text('{"id": "a", "prompt": "p"}\n{"id": "b", "prompt": null}\n')
+    with pytest.raises(InputError, match="null prompt") as err:
+        InputReader(spec(path)).check()
+    assert err.value.line == 2
