@@ -8,24 +8,23 @@ its own module (see the design): ``spec``, ``reader``, ``prompts``, ``limiter``,
 
 from __future__ import annotations
 
-__version__ = "0.1.0"  # before the imports below: modules read it at import time
+__version__ = "0.1.0"
 
-from batch.errors import (
-    APIConnectionError,
-    APIStatusError,
-    InputError,
-    JobFileError,
-    JobStopped,
-    OutputError,
-    PromptmillError,
-    RequestError,
-    ResponseError,
-    UsageError,
-)
-from batch.records import Completion, Request, Result, Row, Usage
-from batch.runner import RunOptions, run_job
-from batch.spec import JobSpec, load_job
-from batch.summary import Summary
+from typing import TYPE_CHECKING, Any
+
+# The package face is loaded on first use, so ``promptmill --help`` or ``simulate``
+# and a library user who needs one module do not pay for Arrow, pydantic and httpx.
+_EXPORTS = {
+    **dict.fromkeys(
+        ("APIConnectionError", "APIStatusError", "InputError", "JobFileError", "JobStopped", "OutputError",
+         "PromptmillError", "RequestError", "ResponseError", "UsageError"),
+        "batch.errors",
+    ),
+    **dict.fromkeys(("Completion", "Request", "Result", "Row", "Usage"), "batch.records"),
+    **dict.fromkeys(("RunOptions", "run_job"), "batch.runner"),
+    **dict.fromkeys(("JobSpec", "load_job"), "batch.spec"),
+    "Summary": "batch.summary",
+}
 
 __all__ = [
     "APIConnectionError",
@@ -49,3 +48,37 @@ __all__ = [
     "load_job",
     "run_job",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'batch' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:
+    from batch.errors import (
+        APIConnectionError,
+        APIStatusError,
+        InputError,
+        JobFileError,
+        JobStopped,
+        OutputError,
+        PromptmillError,
+        RequestError,
+        ResponseError,
+        UsageError,
+    )
+    from batch.records import Completion, Request, Result, Row, Usage
+    from batch.runner import RunOptions, run_job
+    from batch.spec import JobSpec, load_job
+    from batch.summary import Summary

@@ -456,11 +456,12 @@ class InputReader:
         assert self._pf is not None
         columns = [c for c in (self.id_column, self.spec.prompt_column if self.mode == "prompt" else None) if c]
         columns += list(self.template_columns)
+        columns = [c for c in columns if self._may_hold_nulls(c)]
         if not columns:
             return
         offset = 0
         try:
-            for rb in self._pf.iter_batches(batch_size=65536, columns=columns):
+            for rb in self._pf.iter_batches(batch_size=65536, columns=columns, use_threads=False):
                 for name, arr in zip(rb.schema.names, rb.columns, strict=True):
                     if arr.null_count:
                         first = pc.index(arr.is_null(), True).as_py()
@@ -470,6 +471,19 @@ class InputReader:
                 offset += rb.num_rows
         except (pa.ArrowException, OSError) as exc:
             raise self._error(f"cannot read row {offset + 1} onwards: the Parquet file is damaged ({exc})") from None
+
+    def _may_hold_nulls(self, column: str) -> bool:
+        """False when every row group's statistics say the column has no nulls (then it need not be read)."""
+        assert self._pf is not None
+        meta = self._pf.metadata
+        where = [i for i in range(meta.num_columns) if meta.schema.column(i).path == column]
+        if len(where) != 1:  # a nested column: the statistics are per leaf
+            return True
+        for g in range(meta.num_row_groups):
+            stats = meta.row_group(g).column(where[0]).statistics
+            if stats is None or not stats.has_null_count or stats.null_count:
+                return True
+        return False
 
     # --- rows --------------------------------------------------------------------
 

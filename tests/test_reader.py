@@ -392,14 +392,16 @@ def test_null_id(tmp_path: Path) -> None:
     assert str(input_error(spec(path), rows=True)) == f"{path}, line 2, column 'id': missing or null id"
 
 
+@pytest.mark.parametrize("statistics", [True, False], ids=["with-statistics", "without-statistics"])
 @pytest.mark.parametrize(("column", "words"), [("prompt", "null prompt"), ("id", "null id")])
 def test_check_rows_finds_a_null_deep_in_a_parquet_file_before_anything_is_sent(
-    tmp_path: Path, column: str, words: str
+    tmp_path: Path, column: str, words: str, statistics: bool
 ) -> None:
+    # with statistics only the row groups' null counts are read unless one says there are nulls
     rows: list[dict[str, Any]] = [{"id": f"r{i}", "prompt": f"p{i}"} for i in range(70_000)]
     rows[68_000][column] = None
     path = tmp_path / "in.parquet"
-    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=10_000)
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=10_000, write_statistics=statistics)
     reader = InputReader(spec(path))
     with pytest.raises(InputError) as err:
         reader.check_rows()
