@@ -347,10 +347,12 @@ class InputReader:
 
     def _parquet_id_hashes(self, column: str) -> array[int]:
         assert self._pf is not None
-        hashes: array[int] = array("q")
-        offset = 0
+        # sized once (a growing array is copied as it grows); small chunks keep the
+        # short-lived id strings few, so the heap they used is reused, not grown
+        hashes: array[int] = array("q", [0]) * self._pf.metadata.num_rows
+        offset = kept = 0
         try:
-            for rb in self._pf.iter_batches(batch_size=_ID_CHUNK, columns=[column], use_threads=False):
+            for rb in self._pf.iter_batches(batch_size=8192, columns=[column], use_threads=False):
                 ids = rb.column(0)
                 if ids.null_count:
                     if not self.fail_rows:
@@ -359,9 +361,13 @@ class InputReader:
                     ids = ids.drop_null()
                 offset += rb.num_rows
                 values = ids.to_pylist()
-                hashes.extend(map(hash, values) if _is_text(ids.type) else (hash(str(v)) for v in values))
+                hashes[kept : kept + len(values)] = array(
+                    "q", map(hash, values) if _is_text(ids.type) else (hash(str(v)) for v in values)
+                )
+                kept += len(values)
         except (pa.ArrowException, OSError, ValueError) as exc:
             raise self._error(f"cannot read the id column ({exc})", None, column) from None
+        del hashes[kept:]
         return hashes
 
     def _jsonl_ids(self, column: str) -> Iterator[tuple[int, str]]:

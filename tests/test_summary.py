@@ -1,8 +1,12 @@
 from __future__ import annotations
 
 import json
+import math
 from array import array
 from pathlib import Path
+
+from hypothesis import given
+from hypothesis import strategies as st
 
 from batch.records import Result
 from batch.summary import Summary, percentile
@@ -49,3 +53,11 @@ def test_percentile_nearest_rank() -> None:
     assert percentile(values, 50) == 50.0
     assert percentile(values, 95) == 95.0
     assert percentile(array("d"), 50) is None
+
+
+@given(st.lists(st.floats(min_value=0, max_value=600, allow_nan=False), min_size=1, max_size=300),
+       st.sampled_from([1, 25, 50, 90, 95, 99, 100]))
+def test_percentile_is_the_nearest_rank_of_the_sorted_values(values: list[float], q: int) -> None:
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(values) - 1e-9))
+    assert percentile(array("d", values), q) == ordered[rank - 1]
