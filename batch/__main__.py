@@ -1,3 +1,3 @@
-from batch.cli import main
+from batch.cli import entry
 
-raise SystemExit(main())
+entry()

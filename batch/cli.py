@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-__all__ = ["main"]
+__all__ = ["entry", "main"]
 
 log = logging.getLogger("batch")
 
@@ -108,19 +108,23 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {key: getattr(args, name) for name, key in _OVERRIDES.items() if getattr(args, name) is not None}
 
 
-def _skip_cloud_filesystems() -> None:
-    """Keep pyarrow from loading its S3, GCS, HDFS and Azure filesystems (about 8 MB).
+def _skip_unused_modules() -> None:
+    """Keep optional parts of our dependencies that a job never uses from loading.
 
-    A job reads and writes local files only. ``pyarrow.fs`` treats each of these
-    as an optional part that failed to import; nothing else changes.
+    pyarrow's S3, GCS, HDFS and Azure filesystems (about 8 MB resident; a job
+    reads and writes local files) and httpx's own command line (click and its
+    friends): each treats a failed import of that part as "not installed", and
+    nothing else changes. Saves about 50 ms and 8 MB on every run.
     """
+    names = ["httpx._main"] if "httpx" not in sys.modules else []
     if "pyarrow.fs" not in sys.modules:
-        for name in ("pyarrow._s3fs", "pyarrow._gcsfs", "pyarrow._hdfs", "pyarrow._azurefs"):
-            sys.modules.setdefault(name, None)  # type: ignore[arg-type]
+        names += ["pyarrow._s3fs", "pyarrow._gcsfs", "pyarrow._hdfs", "pyarrow._azurefs"]
+    for name in names:
+        sys.modules.setdefault(name, None)  # type: ignore[arg-type]
 
 
 def _run(args: argparse.Namespace) -> int:
-    _skip_cloud_filesystems()
+    _skip_unused_modules()
     import anyio
 
     from batch.errors import JobStopped
@@ -177,7 +181,8 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(command: str | None = "simulate") -> argparse.ArgumentParser:
+    """The argument parser; the simulator's options (and its module) only when ``command`` is ``simulate``."""
     from batch import __version__
 
     parser = _Parser(
@@ -193,14 +198,16 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--port", type=int, default=8089, help="port (default 8089)")
     sim.add_argument("--debug", action="store_true", help="debug logging")
     sim.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
-    from batch.simulator import add_simulator_arguments
+    if command == "simulate":
+        from batch.simulator import add_simulator_arguments
 
-    add_simulator_arguments(sim)
+        add_simulator_arguments(sim)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = _parser(next((a for a in argv if not a.startswith("-")), None)).parse_args(argv)
     secrets = []
     env_name = getattr(args, "api_key_env", None) or "ATOMA_API_KEY"
     for name in {env_name, "ATOMA_API_KEY", "OPENAI_API_KEY"}:
@@ -224,3 +231,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         log.error("interrupted")
         return 130
+
+
+def entry() -> NoReturn:
+    """The ``promptmill`` command and ``python -m batch``: :func:`main`, then exit at once.
+
+    By then every file is written, fsynced and closed; tearing down the
+    interpreter (Arrow, pydantic, the event loop's worker threads) would only
+    add about 0.1 s to every run. An unexpected exception still exits the
+    usual way, with its traceback.
+    """
+    code = main()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -48,12 +48,14 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
-import uvicorn
-from starlette.datastructures import State
 from starlette.types import Receive, Scope, Send
+
+if TYPE_CHECKING:
+    import uvicorn  # loaded by what serves: `promptmill run` only parses the simulator's options
 
 __all__ = [
     "FAULT_KINDS",
@@ -489,7 +491,7 @@ class SimApp:
     def __init__(self, config: SimConfig, *, clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         self.sim = SimState(config, clock)
-        self.state = State()
+        self.state = SimpleNamespace()
         self.state.sim = self.sim
         self.sleep = sleep
         self._routes: dict[tuple[str, str], Callable[[Scope, Receive, Send], Awaitable[None]]] = {
@@ -882,6 +884,8 @@ def create_app(config: SimConfig | None = None, *, clock: Callable[[], float] = 
 
 
 def _uvicorn_config(app: SimApp, host: str, port: int) -> uvicorn.Config:
+    import uvicorn
+
     return uvicorn.Config(
         app,
         host=host,
@@ -993,6 +997,8 @@ class SimServer:
 
     async def _serve(self, sock: socket.socket) -> None:
         config = _uvicorn_config(self.app, self.host, self.port)
+        import uvicorn
+
         self._server = uvicorn.Server(config)
         self._loop = asyncio.get_running_loop()
         await self._server.serve(sockets=[sock])
@@ -1019,6 +1025,8 @@ def serve(config: SimConfig | None = None, host: str = "127.0.0.1", port: int = 
     """Serve the simulator until interrupted (``promptmill simulate``)."""
     app = create_app(config)
     logger.info("simulator listening on http://%s:%d/v1", host, port)
+    import uvicorn
+
     uvicorn.Server(_uvicorn_config(app, host, port)).run()
 
 

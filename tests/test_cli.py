@@ -1,8 +1,15 @@
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
 import pytest
 
 from batch.cli import main
+from batch.simulator import SimServer
+from tests.helpers import prompts, write_jsonl
 
 
 @pytest.mark.parametrize(
@@ -28,3 +35,30 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(["--version"])
     assert capsys.readouterr().out.startswith("promptmill ")
+
+
+def test_a_run_loads_neither_the_simulator_nor_parts_of_libraries_it_never_uses(
+    tmp_path: Path, sim: SimServer
+) -> None:
+    # start-up time: the simulator's web server, pyarrow's cloud filesystems, httpx's own CLI
+    inp = write_jsonl(tmp_path / "in.jsonl", prompts(3))
+    script = (
+        "import sys\nfrom batch.cli import main\n"
+        f"code = main(['run', '--input', {str(inp)!r}, '--output', {str(tmp_path / 'out.parquet')!r}, "
+        f"'--base-url', {sim.base_url!r}, '--model', 'm', '-q'])\n"
+        "unused = ('uvicorn', 'batch.simulator', 'click', 'pyarrow._s3fs', 'pyarrow._gcsfs')\n"
+        "print(code, sorted(name for name in unused if sys.modules.get(name) is not None))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False)
+    assert done.stdout.splitlines()[-1] == "0 []", done.stderr
+    assert pq.read_table(tmp_path / "out.parquet").num_rows == 3
+
+
+def test_the_command_exits_with_its_code_and_every_line_of_its_summary(tmp_path: Path, sim: SimServer) -> None:
+    inp = write_jsonl(tmp_path / "in.jsonl", prompts(2))
+    done = subprocess.run(
+        [sys.executable, "-m", "batch", "run", "--input", str(inp), "--output", str(tmp_path / "out.parquet"),
+         "--base-url", sim.base_url, "--model", "m"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert (done.returncode, done.stdout.splitlines()[-1]) == (0, f"  output    {tmp_path / 'out.parquet'}")
