@@ -10,11 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from batch.records import Result
 
 __all__ = ["ModelTotals", "Summary", "percentile", "percentiles"]
+
+# up to this many latencies a Python sort is as quick, and a small job never
+# loads pyarrow.compute (~65 ms and 13 MB)
+_FEW_FOR_PYTHON = 65_536
 
 
 def percentile(values: array[float], q: float) -> float | None:
@@ -27,11 +30,14 @@ def percentiles(values: array[float], qs: tuple[float, ...]) -> list[float | Non
     n = len(values)
     if n == 0:
         return [None for _ in qs]
-    if n == 1:
-        return [values[0] for _ in qs]
+    ranks = [min(max(1, round(q / 100 * n + 0.5 - 1e-9)), n) for q in qs]
+    if n <= _FEW_FOR_PYTHON:
+        ordered = sorted(values)
+        return [ordered[r - 1] for r in ranks]
+    import pyarrow.compute as pc
+
     arr = pa.Array.from_buffers(pa.float64(), n, [None, pa.py_buffer(values)])
     # the nearest rank r is the value at sorted position r - 1: ask for exactly that position
-    ranks = [min(max(1, round(q / 100 * n + 0.5 - 1e-9)), n) for q in qs]
     found = pc.quantile(arr, q=[(r - 1) / (n - 1) for r in ranks], interpolation="nearest")
     return list(found.to_pylist())
 

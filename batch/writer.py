@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batch.errors import OutputError
@@ -370,6 +369,8 @@ def _id_hashes(sources: list[Path]) -> tuple[array[int], list[int]]:
 
 def _winners(all_rows: pa.Table) -> pa.Array:
     """A boolean mask: True where a row is the newest for its id."""
+    import pyarrow.compute as pc
+
     n = all_rows.num_rows
     if n == 0:
         return pa.array([], pa.bool_())
@@ -412,6 +413,8 @@ def load_index(output: Path, *, include_failed: bool = False) -> ResumeIndex:
         return ResumeIndex(array("q"), 0, 0)
     # an assembled output alone holds each id once: only parts can repeat one
     latest = all_rows if sources == [output] else all_rows.filter(_winners(all_rows))
+    import pyarrow.compute as pc
+
     ok = pc.fill_null(pc.equal(latest["status"], "ok"), False)
     rows_ok = pc.sum(ok).as_py() or 0
     keep = latest if include_failed else latest.filter(ok)
@@ -423,6 +426,8 @@ def load_index(output: Path, *, include_failed: bool = False) -> ResumeIndex:
 
 def _sorted_keys(keys: array[int]) -> array[int]:
     """Sort 64-bit keys in Arrow (a few times faster than ``sorted`` on a million)."""
+    import pyarrow.compute as pc
+
     if not keys:
         return keys
     arr = pa.Array.from_buffers(pa.int64(), len(keys), [None, pa.py_buffer(keys)])

@@ -418,3 +418,18 @@ def test_check_reads_a_jsonl_input_once_and_finds_duplicates_and_bad_rows(tmp_pa
     with pytest.raises(InputError, match="null prompt") as err:
         InputReader(spec(path)).check()
     assert err.value.line == 2
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 1000, 65_535, 65_536, 70_000])
+def test_hashes_repeat_finds_one_repeat_at_any_size(n: int) -> None:
+    # below 65,536 a Python set answers, above it Arrow sorts: both must agree
+    from array import array
+
+    from batch.reader import hashes_repeat
+
+    distinct = array("q", (hash(f"row-{i}") for i in range(n)))
+    assert not hashes_repeat(distinct)
+    if n >= 2:
+        repeated = array("q", distinct)
+        repeated[-1] = repeated[(n - 1) // 2]
+        assert hashes_repeat(repeated)
