@@ -609,6 +609,7 @@ class SimApp:
             sim.in_flight -= 1
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send, chat: bool) -> None:
+        arrived = time.monotonic()
         sim = self.sim
         config = sim.config
         endpoint = "chat" if chat else "completions"
@@ -722,7 +723,8 @@ class SimApp:
             return
 
         if config.latency_ms > 0:
-            await self.sleep(config.latency_ms / 1000)
+            # the latency runs from the request's arrival, not from the end of our own work on it
+            await self.sleep(max(config.latency_ms / 1000 - (time.monotonic() - arrived), 0.0))
         if chat:
             choices: list[dict[str, Any]] = [
                 {"index": i, "message": {"role": "assistant", "content": text},
