@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pyarrow.feather as feather
 import pyarrow.parquet as pq
 import pytest
 
@@ -90,7 +91,7 @@ def wait_for(what: Callable[[], bool], proc: subprocess.Popen[str], timeout: flo
 
 
 def parts(outp: Path) -> list[Path]:
-    return sorted(outp.with_name(outp.name + ".parts").glob("run-*.parquet"))
+    return sorted(outp.with_name(outp.name + ".parts").glob("run-*.arrow"))
 
 
 def requests(sim: SimServer) -> int:
@@ -158,7 +159,7 @@ def test_sigterm_keeps_flushed_rows_prints_the_summary_and_the_rerun_sends_only_
 
     proc = start(job)
     wait_for(lambda: len(parts(outp)) >= 2, proc)
-    flushed = {i for p in parts(outp) for i in pq.read_table(p, columns=["id"])["id"].to_pylist()}
+    flushed = {i for p in parts(outp) for i in feather.read_table(p, columns=["id"])["id"].to_pylist()}
     proc.send_signal(signal.SIGTERM)
     code, out, err = finish(proc)
     assert code == 143, err
@@ -190,7 +191,7 @@ def test_sigint_waits_for_requests_in_flight_and_a_second_signal_stops_at_once(t
         wait_for(lambda: len(parts(outp)) >= 1, proc)
         sim.configure(latency_ms=20_000)  # from now on every request hangs
         time.sleep(0.3)
-        flushed = {i for p in parts(outp) for i in pq.read_table(p, columns=["id"])["id"].to_pylist()}
+        flushed = {i for p in parts(outp) for i in feather.read_table(p, columns=["id"])["id"].to_pylist()}
         proc.send_signal(signal.SIGINT)
         time.sleep(0.5)
         assert proc.poll() is None  # waiting for the requests in flight, within the grace period

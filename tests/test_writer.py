@@ -52,7 +52,7 @@ def test_parts_are_whole_files_and_assembly_keeps_types_when_columns_are_null(tm
     w.flush()
     w.add(result(3, status="failed", error="boom", http_status=500))
     w.flush()
-    parts = sorted(out.parts_dir(output).glob("*.parquet"))
+    parts = sorted(out.parts_dir(output).glob("run-*"))
     assert len(parts) == 2
     assert not list(out.parts_dir(output).glob(".*tmp"))  # no temporary left behind
 
@@ -62,7 +62,7 @@ def test_parts_are_whole_files_and_assembly_keeps_types_when_columns_are_null(tm
     assert table["id"].to_pylist() == ["r0", "r1", "r2", "r3"]
     assert table["reasoning_tokens"].null_count == 4  # all null, still typed int64
     assert table["status"].to_pylist() == ["ok", "ok", "ok", "failed"]
-    assert not list(out.parts_dir(output).glob("*.parquet"))
+    assert not list(out.parts_dir(output).glob("run-*"))
 
 
 def test_newest_row_of_an_id_wins_across_runs(tmp_path: Path) -> None:
@@ -180,3 +180,19 @@ def test_assembly_gathers_small_parts_into_large_row_groups(tmp_path: Path) -> N
     meta = pq.ParquetFile(output).metadata
     assert meta.num_rows == 1000
     assert meta.num_row_groups == 1  # not 40 row groups of 25 rows
+
+
+def test_parquet_parts_of_an_earlier_version_are_still_resumed_and_assembled(tmp_path: Path) -> None:
+    output = tmp_path / "res.parquet"
+    schema = out.output_schema(PASS)
+    w = out.PartWriter(output, schema, run=1)
+    w.add(result(0))
+    w.flush()
+    older = out.PartWriter(output, schema, run=2)
+    older.add(result(1))
+    pq.write_table(older.take(), out.parts_dir(output) / "run-0002-part-000001.parquet")
+    assert sorted(p.suffix for p in out.parts_dir(output).glob("run-*")) == [".arrow", ".parquet"]
+
+    assert out.load_index(output).rows_ok == 2
+    assert out.assemble(output, schema) == 2
+    assert sorted(pq.read_table(output)["id"].to_pylist()) == ["r0", "r1"]
