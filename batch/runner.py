@@ -31,9 +31,11 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import anyio
+import anyio.lowlevel
 import httpx
 import orjson
 import pyarrow as pa
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from batch import __version__
 from batch import writer as out
@@ -59,6 +61,9 @@ from batch.summary import Summary
 __all__ = ["RunOptions", "check_api", "job_identity", "run_job", "use_lean_allocator"]
 
 log = logging.getLogger(__name__)
+
+# the feeder lets the workers run at least this often while it builds requests
+_YIELD_EVERY = 64
 
 
 @dataclass(slots=True)
@@ -201,15 +206,16 @@ class _Job:
     # -- stages --------------------------------------------------------------
 
     async def feed(self, reader: InputReader, builder: RequestBuilder,
-                   send: anyio.abc.ObjectSendStream[Request]) -> None:
+                   send: MemoryObjectSendStream[Request]) -> None:
         """Read, build and hand out requests, skipping rows an earlier run finished."""
         async with send:
             with self.feed_scope:
                 await self._feed(reader.batches(), builder, send)
 
     async def _feed(self, batches: Iterator[list[Row]], builder: RequestBuilder,
-                    send: anyio.abc.ObjectSendStream[Request]) -> None:
+                    send: MemoryObjectSendStream[Request]) -> None:
         index = self.index
+        handed = 0
         while not self.stopping:
             batch = await anyio.to_thread.run_sync(next, batches, None)
             if batch is None:
@@ -224,18 +230,37 @@ class _Job:
                 if request is None:
                     skipped += 1
                     continue
-                await send.send(request)
+                # Usually there is room: hand it over without a trip through the event
+                # loop (``send`` always yields once), but let the workers in every so often.
+                try:
+                    send.send_nowait(request)
+                except anyio.WouldBlock:
+                    await send.send(request)
+                else:
+                    handed += 1
+                    if handed % _YIELD_EVERY == 0:
+                        await anyio.lowlevel.checkpoint()
                 if self.stopping:
                     return
             if skipped:
                 self.summary.rows_skipped += skipped
                 self.progress.skip(skipped)
 
-    async def work(self, receive: anyio.abc.ObjectReceiveStream[Request], client: Client,
+    async def work(self, receive: MemoryObjectReceiveStream[Request], client: Client,
                    limiter: Limiter, policy: RetryPolicy) -> None:
         clock = self.opts.clock
         async with receive:
-            async for request in receive:
+            while True:
+                # ``receive`` always yields to the loop once: take a waiting request without that
+                try:
+                    request = receive.receive_nowait()
+                except anyio.WouldBlock:
+                    try:
+                        request = await receive.receive()
+                    except anyio.EndOfStream:
+                        break
+                except anyio.EndOfStream:
+                    break
                 while self.in_flight + self.unflushed >= self.max_at_risk and not self.stopping:
                     await self.flushed.wait()  # rare: the disk is slower than the answers
                 if self.stopping:
