@@ -74,7 +74,7 @@ class RunOptions:
     retry_failed: bool = True
     grace_s: float = 30.0
     progress: bool | None = None  # None: a bar when stderr is a terminal
-    flush_rows: int | None = None  # None: the job's output.flush_rows
+    flush_rows: int | None = None  # None: the job's (see JobSpec.flush_rows)
     flush_s: float | None = None  # None: the job's output.flush_s
     handle_signals: bool = True
     transport: httpx.AsyncBaseTransport | None = None
@@ -163,7 +163,7 @@ class _Job:
         self.prices = PriceTable(
             {m: Price(p.input, p.output, p.cached_input) for m, p in spec.pricing.items()}
         )
-        self.flush_rows = opts.flush_rows or spec.output.flush_rows
+        self.flush_rows = opts.flush_rows or spec.flush_rows()
         self.flush_s = opts.flush_s or spec.output.flush_s
         self.stopping = False
         self.flush_due = anyio.Event()

@@ -19,7 +19,7 @@ input and output paths and the API base URL has defaults)::
 
     [output]
     path = "out/{job}-{date}.parquet"      # {date} is the UTC date (YYYY-MM-DD), {job} the job name
-    flush_rows = 500                       # finished rows are made durable every N rows ...
+    flush_rows = 500                       # finished rows are made durable every N rows (default: 500 or the concurrency, the larger) ...
     flush_s = 2.0                          # ... or every S seconds, whichever comes first
 
     [api]
@@ -171,12 +171,14 @@ class OutputSpec(BaseModel):
 
     Finished rows are written to disk as a part every ``flush_rows`` rows or
     ``flush_s`` seconds, whichever comes first: a kill loses at most those.
+    ``None`` (the default) is 500 or the concurrency, the larger: see
+    :meth:`JobSpec.flush_rows`.
     """
 
     model_config = _FROZEN
 
     path: str
-    flush_rows: PositiveInt = 500
+    flush_rows: PositiveInt | None = None
     flush_s: PositiveFloat = 2.0
 
     @field_validator("path")
@@ -352,6 +354,15 @@ class JobSpec(BaseModel):
     @property
     def name(self) -> str:
         return self.job.name
+
+    def flush_rows(self) -> int:
+        """Rows a part holds: ``[output] flush_rows``, else 500 or the concurrency, the larger.
+
+        With thousands of requests in flight, 500-row parts would hold workers back
+        waiting for the disk (the rows at risk are held to concurrency + flush_rows),
+        and a kill puts that many requests at risk anyway.
+        """
+        return self.output.flush_rows or max(500, self.limits.concurrency)
 
     def output_path(self, now: datetime | None = None) -> Path:
         """The output path with ``{date}`` (UTC, YYYY-MM-DD, of ``now``) and ``{job}`` filled in."""

@@ -107,9 +107,12 @@ def test_flush_settings_come_from_the_job_file(tmp_path: Path) -> None:
     base = '[input]\npath = "in.jsonl"\n[api]\nbase_url = "simulator"\n[request]\nmodel = "m"\n[output]\npath = "o.parquet"\n'
     job = tmp_path / "job.toml"
     job.write_text(base)
-    assert (load_job(job).output.flush_rows, load_job(job).output.flush_s) == (500, 2.0)
+    assert (load_job(job).flush_rows(), load_job(job).output.flush_s) == (500, 2.0)
+    # by default a part holds at least as many rows as there are requests in flight
+    assert load_job(job, {"limits.concurrency": 2000}).flush_rows() == 2000
     job.write_text(base + "flush_rows = 20\nflush_s = 0.25\n")
-    assert (load_job(job).output.flush_rows, load_job(job).output.flush_s) == (20, 0.25)
+    assert (load_job(job).flush_rows(), load_job(job).output.flush_s) == (20, 0.25)
+    assert load_job(job, {"limits.concurrency": 2000}).flush_rows() == 20
     job.write_text(base + "flush_rows = 0\n")
     with pytest.raises(JobFileError, match=r"output\.flush_rows"):
         load_job(job)
