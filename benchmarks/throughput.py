@@ -291,6 +291,19 @@ def make_input(folder: Path, rows: int) -> Path:
     return path
 
 
+def _in_child(*args: str) -> str:
+    """Run one of this file's child modes and return what it printed.
+
+    Building inputs and reading outputs with Arrow in this process would grow it,
+    and a process this one starts reports at least this one's peak RSS (Linux keeps
+    the peak of the memory a process had before its exec), so every measured peak
+    would be inflated to this process's.
+    """
+    done = subprocess.run([sys.executable, str(Path(__file__).resolve()), *args],
+                          capture_output=True, text=True, check=True)
+    return done.stdout.strip().splitlines()[-1]
+
+
 def count_ok(path: Path) -> int:
     """Rows with status "ok" in an output file (0 when it is missing or unreadable)."""
     import pyarrow.compute as pc
@@ -443,7 +456,7 @@ def run_client(runner: str, scenario: Scenario, rows: int, input_path: Path, sim
         result.error = str(exc)
         return result
     result.wall_s, result.cpu_s, result.rss_mb = m.wall_s, m.cpu_s, m.rss_mb
-    result.ok = count_ok(output)
+    result.ok = int(_in_child("_count_ok", "--input", str(output)))
     if m.returncode != 0:
         tail = log.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
         result.error = f"exit {m.returncode}: {tail[0][:120]}"
@@ -583,9 +596,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _sub_main(argv: list[str]) -> int:
-    """The child modes: ``_baseline`` and ``_capacity`` (each runs in its own process)."""
+    """The child modes: ``_baseline``, ``_capacity``, ``_make_input``, ``_count_ok`` (each its own process)."""
     p = argparse.ArgumentParser()
-    p.add_argument("mode", choices=["_baseline", "_capacity"])
+    p.add_argument("mode", choices=["_baseline", "_capacity", "_make_input", "_count_ok"])
+    p.add_argument("--rows", type=int)
     p.add_argument("--input")
     p.add_argument("--output")
     p.add_argument("--base-url")
@@ -596,6 +610,12 @@ def _sub_main(argv: list[str]) -> int:
     p.add_argument("--seconds", type=float, default=3.0)
     p.add_argument("--json")
     a = p.parse_args(argv)
+    if a.mode == "_make_input":
+        print(make_input(Path(a.output), a.rows))
+        return 0
+    if a.mode == "_count_ok":
+        print(count_ok(Path(a.input)))
+        return 0
     if a.mode == "_baseline":
         asyncio.run(_baseline(a.input, a.output, a.base_url, a.model, a.concurrency))
         return 0
@@ -637,7 +657,7 @@ def _workdir(keep: str | None) -> Iterator[Path]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("_baseline", "_capacity"):
+    if argv and argv[0] in ("_baseline", "_capacity", "_make_input", "_count_ok"):
         return _sub_main(argv)
     args = _parser().parse_args(argv)
     names = [n.strip() for n in args.scenarios.split(",") if n.strip()]
@@ -662,7 +682,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for name in names:
                 s = SCENARIOS[name]
                 rows = sizes[name]
-                input_path = make_input(workdir, rows)
+                input_path = Path(_in_child("_make_input", "--output", str(workdir), "--rows", str(rows)))
                 runners = ["promptmill"]
                 if s.baseline and not args.no_baseline and rows <= args.baseline_max_rows:
                     runners.append("baseline")
