@@ -435,6 +435,7 @@ async def run_job(spec: JobSpec, opts: RunOptions | None = None) -> Summary:
             progress.close()
             summary.wall_s = opts.clock() - wall_start
             await job.flush()
+            _release_memory()  # what the run's buffers held, before the merge needs its own
             await anyio.to_thread.run_sync(out.assemble, output, schema)
             summary.write_json(output.with_name(output.name + ".summary.json"))
         # while the lock is held: a run starting now must not see the folder vanish under it

@@ -7,7 +7,11 @@ where it exists). The client under test is either
 * ``promptmill``: ``python -m batch run --input ... --concurrency N --no-progress -q``, or
 * ``baseline``: what users hand-write, the official ``openai`` SDK's ``AsyncOpenAI``
   with an ``asyncio.Semaphore``, reading the same Parquet input and writing a
-  Parquet file at the end (see :func:`_baseline`).
+  Parquet file at the end (see :func:`_baseline`), or
+* ``raw client`` (scenarios with a latency): the same requests from raw keep-alive
+  sockets that parse nothing and write nothing (:func:`_raw_scenario`). Its
+  wall / ideal is the floor the simulator and the machine set: what is left
+  over it is promptmill's own start-up and work.
 
 The package's bytecode is compiled before the runs (see :func:`_compile_bytecode`).
 For each run the table gives the wall time from process start to exit, rows/s,
@@ -362,14 +366,7 @@ async def _capacity(port: int, connections: int, seconds: float, warmup_s: float
     Raw HTTP/1.1 on keep-alive sockets, one request in flight per connection,
     requests built once; only requests completed after the warm-up count.
     """
-    bodies = []
-    for i in range(64):
-        body = json.dumps({"model": MODEL, "max_tokens": MAX_TOKENS, "messages": [
-            {"role": "user", "content": f"Summarise item {i} in one line: " + " ".join(_WORDS[:16])}]}).encode()
-        bodies.append(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-            + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
-        )
+    bodies = _raw_bodies()
     start = time.perf_counter()
     count_from = start + warmup_s
     deadline = count_from + seconds
@@ -409,6 +406,47 @@ async def _capacity(port: int, connections: int, seconds: float, warmup_s: float
             "connections": connections, "seconds": round(elapsed, 2)}
 
 
+def _raw_bodies() -> list[bytes]:
+    bodies = []
+    for i in range(64):
+        body = json.dumps({"model": MODEL, "max_tokens": MAX_TOKENS, "messages": [
+            {"role": "user", "content": f"Summarise item {i} in one line: " + " ".join(_WORDS[:16])}]}).encode()
+        bodies.append(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+        )
+    return bodies
+
+
+async def _raw_scenario(port: int, connections: int, rows: int) -> int:
+    """The scenario's requests from a client that costs next to nothing: the floor the simulator sets.
+
+    ``connections`` keep-alive sockets, each sending its share of ``rows`` one after
+    another; nothing is parsed beyond the status line and Content-Length, nothing
+    written. Returns the number of 200 answers.
+    """
+    bodies = _raw_bodies()
+    ok = 0
+
+    async def connection(k: int, count: int) -> None:
+        nonlocal ok
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            for i in range(count):
+                writer.write(bodies[(k + i) % len(bodies)])
+                head = await reader.readuntil(b"\r\n\r\n")
+                lower = head.lower()
+                at = lower.find(b"content-length:")
+                await reader.readexactly(int(lower[at + 15 : lower.find(b"\r\n", at)]))
+                ok += head.startswith(b"HTTP/1.1 200")
+        finally:
+            writer.close()
+
+    share, extra = divmod(rows, connections)
+    await asyncio.gather(*(connection(k, share + (k < extra)) for k in range(connections)))
+    return ok
+
+
 def measure_capacity(sim: Simulator, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     out = workdir / "capacity.json"
     argv = [sys.executable, str(Path(__file__).resolve()), "_capacity", "--port", str(sim.port),
@@ -442,6 +480,9 @@ def run_client(runner: str, scenario: Scenario, rows: int, input_path: Path, sim
         argv = [sys.executable, "-m", "batch", "run", "--input", str(input_path), "--output", str(output),
                 "--base-url", sim.base_url, "--model", MODEL, "--concurrency", str(scenario.concurrency),
                 "--no-progress", "-q"]
+    elif runner == "raw client":
+        argv = [sys.executable, str(Path(__file__).resolve()), "_raw", "--port", str(sim.port),
+                "--connections", str(scenario.concurrency), "--rows", str(rows)]
     else:
         argv = [sys.executable, str(Path(__file__).resolve()), "_baseline", "--input", str(input_path),
                 "--output", str(output), "--base-url", sim.base_url, "--model", MODEL,
@@ -456,14 +497,18 @@ def run_client(runner: str, scenario: Scenario, rows: int, input_path: Path, sim
         result.error = str(exc)
         return result
     result.wall_s, result.cpu_s, result.rss_mb = m.wall_s, m.cpu_s, m.rss_mb
-    result.ok = int(_in_child("_count_ok", "--input", str(output)))
+    if runner == "raw client":
+        printed = log.read_text(errors="replace").split()
+        result.ok = int(printed[-1]) if printed and printed[-1].isdigit() else 0
+    else:
+        result.ok = int(_in_child("_count_ok", "--input", str(output)))
     if m.returncode != 0:
         tail = log.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
         result.error = f"exit {m.returncode}: {tail[0][:120]}"
     if result.ok != rows:
         result.notes.append(f"{rows - result.ok:,} rows not ok")
     stats = sim.stats()
-    if stats.get("repeats"):
+    if stats.get("repeats") and runner != "raw client":  # it sends 64 bodies over and over
         result.notes.append(f"{stats['repeats']:,} repeated requests")
     for leftover in (output, output.with_name(output.name + ".summary.json")):
         leftover.unlink(missing_ok=True)
@@ -584,7 +629,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="scaled-down sizes: the whole run takes under a minute")
     p.add_argument("--rows", action="append", metavar="NAME=N", help="rows of one scenario (repeatable)")
     p.add_argument("--scale", type=float, default=1.0, help="multiply every scenario's rows")
-    p.add_argument("--no-baseline", action="store_true", help="run promptmill only")
+    p.add_argument("--no-baseline", action="store_true", help="skip the openai-SDK baseline")
+    p.add_argument("--no-raw", action="store_true",
+                   help="skip the raw-socket client that shows the floor the simulator sets where latency sets an ideal")
     p.add_argument("--baseline-max-rows", type=int, default=200_000,
                    help="skip the baseline above this many rows (it keeps every result in memory)")
     p.add_argument("--capacity-s", type=float, default=3.0, help="seconds of the simulator capacity measurement (0: skip)")
@@ -598,7 +645,7 @@ def _parser() -> argparse.ArgumentParser:
 def _sub_main(argv: list[str]) -> int:
     """The child modes: ``_baseline``, ``_capacity``, ``_make_input``, ``_count_ok`` (each its own process)."""
     p = argparse.ArgumentParser()
-    p.add_argument("mode", choices=["_baseline", "_capacity", "_make_input", "_count_ok"])
+    p.add_argument("mode", choices=["_baseline", "_capacity", "_make_input", "_count_ok", "_raw"])
     p.add_argument("--rows", type=int)
     p.add_argument("--input")
     p.add_argument("--output")
@@ -615,6 +662,14 @@ def _sub_main(argv: list[str]) -> int:
         return 0
     if a.mode == "_count_ok":
         print(count_ok(Path(a.input)))
+        return 0
+    if a.mode == "_raw":
+        try:
+            import uvloop
+
+            print(uvloop.run(_raw_scenario(a.port, a.connections, a.rows)))
+        except ImportError:
+            print(asyncio.run(_raw_scenario(a.port, a.connections, a.rows)))
         return 0
     if a.mode == "_baseline":
         asyncio.run(_baseline(a.input, a.output, a.base_url, a.model, a.concurrency))
@@ -657,7 +712,7 @@ def _workdir(keep: str | None) -> Iterator[Path]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("_baseline", "_capacity", "_make_input", "_count_ok"):
+    if argv and argv[0] in ("_baseline", "_capacity", "_make_input", "_count_ok", "_raw"):
         return _sub_main(argv)
     args = _parser().parse_args(argv)
     names = [n.strip() for n in args.scenarios.split(",") if n.strip()]
@@ -686,6 +741,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 runners = ["promptmill"]
                 if s.baseline and not args.no_baseline and rows <= args.baseline_max_rows:
                     runners.append("baseline")
+                if s.latency_ms > 0 and not args.no_raw:
+                    runners.append("raw client")
                 with Simulator(s.latency_ms, workdir, args.pin) as sim:
                     for runner in runners:
                         r = run_client(runner, s, rows, input_path, sim, args, workdir)
