@@ -379,13 +379,7 @@ class Limiter:
     async def acquire(self, tokens: int) -> Reservation:
         """Wait until a request of ``tokens`` estimated tokens may be sent; FIFO among waiters."""
         if self._free and not self._waiters:
-            self._seq += 1
-            res = Reservation(tokens, self._seq, self._tokens_total)
-            self._tokens_total += tokens
-            self._in_flight += 1
-            if tokens > self._max_tokens:
-                self._max_tokens = tokens
-            return res
+            return self._book(tokens)  # no limit: no clock, no pacing
         event = anyio.Event()
         self._waiters.append(event)
         try:
@@ -424,15 +418,21 @@ class Limiter:
                 start = self._hdr_tok.reset_at
         return start - now
 
-    def _take(self, now: float, tokens: int) -> Reservation:
+    def _book(self, tokens: int) -> Reservation:
+        """Count one request of ``tokens`` in flight; what every reservation does, limited or not."""
         self._seq += 1
         res = Reservation(tokens, self._seq, self._tokens_total)
         self._tokens_total += tokens
         self._in_flight += 1
         if tokens > self._max_tokens:
             self._max_tokens = tokens
-            if self._tok_rate:
-                self._recompute(now)
+        return res
+
+    def _take(self, now: float, tokens: int) -> Reservation:
+        grew = tokens > self._max_tokens
+        res = self._book(tokens)
+        if grew and self._tok_rate:
+            self._recompute(now)
         if self._req_interval:
             base = max(self._next_req, now - max(_LATE_S, self._req_bank * self._req_interval))
             self._next_req = base + self._req_interval

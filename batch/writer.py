@@ -199,11 +199,6 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _parquet_writer(where: Any, schema: pa.Schema) -> pq.ParquetWriter:
-    dictionary = [name for name in schema.names if name not in _NO_DICTIONARY]
-    return pq.ParquetWriter(where, schema, compression="zstd", use_dictionary=dictionary)
-
-
 def _write_atomically(table: pa.Table, path: Path) -> None:
     """A part: an Arrow IPC file, written under a temporary name, fsynced and renamed."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -379,11 +374,12 @@ def _id_hashes(sources: list[Path]) -> tuple[array[int], list[int]]:
     for path in sources:
         try:
             if _is_part_ipc(path):
-                hashes.extend(map(hash, _read_ipc(path).column("id").to_pylist()))
-                offsets.append(len(hashes))
-                continue
-            for batch in pq.ParquetFile(path).iter_batches(batch_size=65536, columns=["id"], use_threads=False):
-                hashes.extend(map(hash, batch.column(0).to_pylist()))
+                id_lists: Iterator[list[Any]] = iter([_read_ipc(path).column("id").to_pylist()])
+            else:
+                batches = pq.ParquetFile(path).iter_batches(batch_size=65536, columns=["id"], use_threads=False)
+                id_lists = (batch.column(0).to_pylist() for batch in batches)
+            for ids in id_lists:
+                hashes.extend(map(hash, ids))
         except (OSError, pa.ArrowException) as exc:
             raise OutputError(f"cannot read earlier progress ({exc}); rerun with --fresh to start over", path=path) from None
         offsets.append(len(hashes))
@@ -515,7 +511,8 @@ def assemble(output: Path, schema: pa.Schema) -> int:
     tmp = output.with_name(f".{output.name}.tmp")
     total = 0
     with open(tmp, "wb") as fh:
-        writer = _parquet_writer(fh, schema)
+        dictionary = [name for name in schema.names if name not in _NO_DICTIONARY]
+        writer = pq.ParquetWriter(fh, schema, compression="zstd", use_dictionary=dictionary)
         # Parts are small; written one by one they would make thousands of tiny row
         # groups, whose metadata the writer holds until it closes. Gather them instead.
         pending: list[pa.RecordBatch] = []

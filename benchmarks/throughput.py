@@ -382,14 +382,7 @@ async def _capacity(port: int, connections: int, seconds: float, warmup_s: float
             while total < max_requests:
                 writer.write(bodies[i % len(bodies)])
                 i += 1
-                head = await reader.readuntil(b"\r\n\r\n")
-                lower = head.lower()
-                at = lower.find(b"content-length:")
-                if at < 0:
-                    raise RuntimeError("the simulator answered without a Content-Length")
-                length = int(lower[at + 15 : lower.find(b"\r\n", at)])
-                await reader.readexactly(length)
-                if not head.startswith(b"HTTP/1.1 200"):
+                if not await _answer_ok(reader):
                     errors += 1
                 now = time.perf_counter()
                 total += 1
@@ -404,6 +397,17 @@ async def _capacity(port: int, connections: int, seconds: float, warmup_s: float
     elapsed = min(time.perf_counter(), deadline) - count_from
     return {"rps": counted / elapsed if elapsed > 0 else 0.0, "requests": total, "errors": errors,
             "connections": connections, "seconds": round(elapsed, 2)}
+
+
+async def _answer_ok(reader: asyncio.StreamReader) -> bool:
+    """Read one answer (head and Content-Length body); whether it was a 200."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    lower = head.lower()
+    at = lower.find(b"content-length:")
+    if at < 0:
+        raise RuntimeError("the simulator answered without a Content-Length")
+    await reader.readexactly(int(lower[at + 15 : lower.find(b"\r\n", at)]))
+    return head.startswith(b"HTTP/1.1 200")
 
 
 def _raw_bodies() -> list[bytes]:
@@ -434,11 +438,8 @@ async def _raw_scenario(port: int, connections: int, rows: int) -> int:
         try:
             for i in range(count):
                 writer.write(bodies[(k + i) % len(bodies)])
-                head = await reader.readuntil(b"\r\n\r\n")
-                lower = head.lower()
-                at = lower.find(b"content-length:")
-                await reader.readexactly(int(lower[at + 15 : lower.find(b"\r\n", at)]))
-                ok += head.startswith(b"HTTP/1.1 200")
+                answered = await _answer_ok(reader)  # not ``ok += await ...``: that reads ok before waiting
+                ok += answered
         finally:
             writer.close()
 
