@@ -118,25 +118,18 @@ async def test_reset_is_a_connection_error(faulty: SimServer, stream: bool, tran
 
 async def test_body_cut_midway_is_a_connection_error(transport_type: Any) -> None:
     # A Content-Length promising more than arrives: a ReadError.
-    with socket.socket() as server:
-        server.bind(("127.0.0.1", 0))
-        server.listen(1)
-        port = server.getsockname()[1]
+    def cut_short(conn: socket.socket) -> None:
+        read_request(conn)
+        conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                     b"content-length: 100\r\n\r\n{\"choices\": [")
 
-        async with make_client(f"http://127.0.0.1:{port}/v1", transport_type) as client:
-            import anyio
-
-            async def answer() -> None:
-                conn, _ = await anyio.to_thread.run_sync(server.accept)
-                with conn:
-                    conn.recv(65536)
-                    conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
-                                 b"content-length: 100\r\n\r\n{\"choices\": [")
-
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(answer)
-                with pytest.raises(APIConnectionError):
-                    await client.complete(BODY)
+    server = RawServer(cut_short)
+    try:
+        async with make_client(server.base_url, transport_type) as client:
+            with pytest.raises(APIConnectionError):
+                await client.complete(BODY)
+    finally:
+        await asyncio.to_thread(server.close)
 
 
 def test_default_transport_is_fast_unless_a_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
