@@ -93,6 +93,22 @@ def _check_messages(value: Any) -> list[dict[str, Any]]:
     return out
 
 
+def read_parquet_columns(path: Path | str, columns: list[str]) -> pa.Table:
+    """``columns`` of a Parquet file, without the dataset layer ``pq.read_table`` imports (~0.09 s).
+
+    Raises ``pa.ArrowInvalid`` naming a missing column (``ParquetFile.read`` would skip it silently).
+    """
+    pf = pq.ParquetFile(path)
+    try:
+        names = set(pf.schema_arrow.names)
+        missing = [c for c in columns if c not in names]
+        if missing:
+            raise pa.ArrowInvalid(f"no column {missing[0]!r}")
+        return pf.read(columns=columns)
+    finally:
+        pf.close()
+
+
 def hashes_repeat(hashes: array[int]) -> bool:
     """Whether two of these hashes are equal (a set when few, else sorted by Arrow: 16 bytes a hash at most)."""
     if len(hashes) < _FEW_FOR_PYTHON:
@@ -396,7 +412,7 @@ class InputReader:
         import pyarrow.compute as pc
 
         try:
-            ids = pq.read_table(self.path, columns=[column]).column(0).combine_chunks()
+            ids = read_parquet_columns(self.path, [column]).column(0).combine_chunks()
         except (pa.ArrowException, OSError, ValueError) as exc:
             raise self._error(f"cannot read the id column ({exc})", None, column) from None
         if ids.null_count and not self.fail_rows:

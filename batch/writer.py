@@ -46,7 +46,7 @@ import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
 from batch.errors import OutputError
-from batch.reader import hashes_repeat
+from batch.reader import hashes_repeat, read_parquet_columns
 from batch.records import Result
 
 __all__ = [
@@ -346,7 +346,7 @@ def _read_columns(path: Path, columns: list[str]) -> pa.Table:
     try:
         if _is_part_ipc(path):
             return _read_ipc(path).select(columns)
-        return pq.read_table(path, columns=columns)
+        return read_parquet_columns(path, columns)
     except (OSError, pa.ArrowException) as exc:
         raise OutputError(f"cannot read earlier progress ({exc}); rerun with --fresh to start over", path=path) from None
 

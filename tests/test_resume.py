@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.feather as feather
 import pyarrow.parquet as pq
 import pytest
@@ -326,6 +327,20 @@ def test_an_output_of_another_job_is_refused_unless_fresh(
     fresh = run_cli(capsys, "run", tmp_path / "b.toml", "--no-progress", "--fresh")
     assert fresh.code == 0, fresh.err
     assert requests(sim) == 10
+
+
+def test_a_parquet_file_without_our_columns_at_the_output_path_is_one_clear_line(
+    sim: SimServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    inp = write_jsonl(tmp_path / "in.jsonl", prompts(5))
+    outp = tmp_path / "res.parquet"
+    pq.write_table(pa.table({"a": [1, 2]}), outp)  # someone else's file
+    refused = run_cli(capsys, "run", write_job(tmp_path / "a.toml", sim, inp, outp), "--no-progress")
+    assert refused.code == 2
+    assert refused.err.strip().splitlines() == [
+        f"promptmill: {outp}: cannot read earlier progress (no column 'id'); rerun with --fresh to start over"
+    ]
+    assert pq.read_table(outp).column_names == ["a"] and requests(sim) == 0
 
 
 def test_a_lock_on_a_lock_file_removed_meanwhile_is_taken_again(
