@@ -215,9 +215,9 @@ class InputReader:
         for name in spec.passthrough:
             if name not in present:
                 raise self._error("pass-through column missing from the input", line, name)
-        if spec.id_column in present:
-            self.id_column: str | None = spec.id_column
-        elif spec.id_column_explicit:
+        if spec.id_name in present:
+            self.id_column: str | None = spec.id_name
+        elif spec.id_column is not None:
             raise self._error("id column missing from the input", line, spec.id_column)
         else:
             self.id_column = None

@@ -116,13 +116,13 @@ def job_identity(spec: JobSpec) -> dict[str, Any]:
     return {
         "job": spec.name,
         "input": str(Path(spec.input.path).resolve()),
-        "id_column": spec.input.id_column,
+        "id_column": spec.input.id_name,
     }
 
 
 def _metadata(spec: JobSpec, identity: dict[str, Any]) -> dict[bytes, bytes]:
     # the settings of the job, for audit; the key variable's name is in them, never its value
-    settings = spec.model_dump(mode="json")
+    settings = spec.settings()
     if isinstance(settings.get("simulator"), dict) and settings["simulator"].get("api_key") is not None:
         # the key a built-in simulator expects is the job's real key too, as often as not
         settings["simulator"]["api_key"] = "***"

@@ -1,4 +1,4 @@
-"""The job spec: a TOML file plus command-line overrides, validated with pydantic.
+"""The job spec: a TOML file plus command-line overrides, validated with msgspec.
 
 A job file looks like this (every section but ``[request]``'s ``model``, the
 input and output paths and the API base URL has defaults)::
@@ -59,18 +59,11 @@ from dataclasses import fields as dataclass_fields
 from dataclasses import is_dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    ValidationInfo,
-    field_validator,
-    model_validator,
-)
+import msgspec
+import orjson
 
 from batch.errors import JobFileError
 
@@ -90,18 +83,21 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_FROZEN = ConfigDict(strict=True, extra="forbid", frozen=True)
+_T = TypeVar("_T")
+_INT64_MAX = 2**63 - 1  # what JSON encoders (orjson) take
+PositiveInt = Annotated[int, msgspec.Meta(gt=0, le=_INT64_MAX)]
+PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
+NonNegativeFloat = Annotated[float, msgspec.Meta(ge=0)]
 
-PositiveInt = Annotated[int, Field(gt=0)]
-PositiveFloat = Annotated[float, Field(gt=0)]
-NonNegativeFloat = Annotated[float, Field(ge=0)]
-# Paths and lists come from TOML as str and list: lax for these fields only.
-LaxPath = Annotated[Path, Field(strict=False)]
-Names = Annotated[tuple[str, ...], Field(strict=False)]
+
+class _Spec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """A section of a job: typed, frozen, unknown keys refused (see :func:`load_job`)."""
+
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # Body fields the request builder or the client sets; a job must not set them.
 _RESERVED_BODY_FIELDS = frozenset({"messages", "prompt", "stream", "stream_options"})
+DEFAULT_ID_COLUMN = "id"
 
 
 def template_fields(template: str) -> tuple[str, ...]:
@@ -122,51 +118,48 @@ def template_fields(template: str) -> tuple[str, ...]:
     return tuple(names)
 
 
-class JobSection(BaseModel):
-    model_config = _FROZEN
-
+class JobSection(_Spec, frozen=True):
     name: str = "job"
 
 
-class InputSpec(BaseModel):
+class InputSpec(_Spec, frozen=True):
     """Where the rows come from and which columns make the prompt.
 
-    ``id_column`` that is left at its default and missing from the input means
-    the 0-based row index (as a string) is the id; set explicitly, it must exist.
+    ``id_column`` left unset (``None``) means the column ``"id"`` if the input
+    has one, else the 0-based row index (as a string); set, it must exist.
     """
 
-    model_config = _FROZEN
-
-    path: LaxPath
+    path: Path
     format: Literal["auto", "parquet", "jsonl"] = "auto"
-    id_column: str = "id"
+    id_column: str | None = None
     prompt_column: str = "prompt"
     messages_column: str | None = None
     prompt_template: str | None = None
     system_prompt: str | None = None
-    passthrough: Names = ()
+    passthrough: tuple[str, ...] = ()
     on_bad_line: Literal["abort", "fail_row"] = "abort"
 
-    @field_validator("prompt_template")
-    @classmethod
-    def _template_parses(cls, value: str | None, info: ValidationInfo) -> str | None:
-        if value is not None:
-            if info.data.get("messages_column") is not None:
-                raise ValueError("messages_column and prompt_template exclude each other")
-            template_fields(value)
-        return value
-
     @property
-    def id_column_explicit(self) -> bool:
-        """Whether the job set ``id_column`` (then the input must have it)."""
-        return "id_column" in self.model_fields_set
+    def id_name(self) -> str:
+        """The id column to look for: ``id_column``, else ``"id"``."""
+        return self.id_column if self.id_column is not None else DEFAULT_ID_COLUMN
 
     @property
     def template_columns(self) -> tuple[str, ...]:
         return template_fields(self.prompt_template) if self.prompt_template is not None else ()
 
+    def _problem(self) -> tuple[str, str] | None:
+        if self.prompt_template is not None:
+            if self.messages_column is not None:
+                return "prompt_template", "messages_column and prompt_template exclude each other"
+            try:
+                template_fields(self.prompt_template)
+            except ValueError as exc:
+                return "prompt_template", str(exc)
+        return None
 
-class OutputSpec(BaseModel):
+
+class OutputSpec(_Spec, frozen=True):
     """Where the results go; ``path`` may hold ``{date}`` and ``{job}``.
 
     Finished rows are written to disk as a part every ``flush_rows`` rows or
@@ -175,21 +168,21 @@ class OutputSpec(BaseModel):
     :meth:`JobSpec.flush_rows`.
     """
 
-    model_config = _FROZEN
-
     path: str
     flush_rows: PositiveInt | None = None
     flush_s: PositiveFloat = 2.0
 
-    @field_validator("path")
-    @classmethod
-    def _placeholders(cls, value: str) -> str:
-        if not value:
-            raise ValueError("must not be empty")
-        for _, name, _, _ in string.Formatter().parse(value):
+    def _problem(self) -> tuple[str, str] | None:
+        if not self.path:
+            return "path", "must not be empty"
+        try:
+            names = [name for _, name, _, _ in string.Formatter().parse(self.path)]
+        except ValueError as exc:
+            return "path", str(exc)
+        for name in names:
             if name is not None and name not in ("date", "job"):
-                raise ValueError(f"unknown placeholder {{{name}}}; use {{date}} or {{job}}")
-        return value
+                return "path", f"unknown placeholder {{{name}}}; use {{date}} or {{job}}"
+        return None
 
 
 def is_loopback(host: str) -> bool:
@@ -202,14 +195,11 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-class ApiSpec(BaseModel):
+class ApiSpec(_Spec, frozen=True):
     """The server: base URL (with the version prefix, e.g. ``.../v1``), endpoint, timeouts."""
 
-    model_config = _FROZEN
-
-    # Declared before base_url so that base_url's validator can see it.
-    allow_insecure_http: bool = False
     base_url: str
+    allow_insecure_http: bool = False
     api_key_env: str = "ATOMA_API_KEY"
     endpoint: Literal["chat", "completions"] = "chat"
     stream: bool = False
@@ -218,77 +208,45 @@ class ApiSpec(BaseModel):
     write_timeout_s: PositiveFloat = 30.0
     request_timeout_s: PositiveFloat = 600.0
 
-    @field_validator("api_key_env")
-    @classmethod
-    def _env_name(cls, value: str) -> str:
-        # Never echo the value: it may be the key pasted in by mistake.
-        if not _ENV_NAME.fullmatch(value):
-            raise ValueError(
-                "must be the name of an environment variable (like ATOMA_API_KEY), not the key itself"
-            )
-        return value
-
-    @field_validator("base_url")
-    @classmethod
-    def _url(cls, value: str, info: ValidationInfo) -> str:
-        if value == "simulator":
-            return value
-        if any(ch.isspace() or not ch.isprintable() for ch in value):
-            raise ValueError("must not contain spaces or control characters")
-        try:
-            parts = urlsplit(value)
-            parts.port  # noqa: B018 - urlsplit checks the port only when it is read
-        except ValueError as exc:
-            raise ValueError(f"cannot be parsed as a URL: {exc}") from None
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError('must be an http(s) URL like https://api.atoma.network/v1, or "simulator"')
-        if parts.username or parts.password:
-            raise ValueError(
-                "must not hold credentials; put the key in the environment variable named by api.api_key_env"
-            )
-        # Plain http to a remote host is refused by the runner only when a key would be sent.
-        return value.rstrip("/")
-
     @property
     def is_simulator(self) -> bool:
         return self.base_url == "simulator"
 
+    def _problem(self) -> tuple[str, str] | None:
+        # Never echo the value: it may be the key pasted in by mistake.
+        if not _ENV_NAME.fullmatch(self.api_key_env):
+            return "api_key_env", ("must be the name of an environment variable (like ATOMA_API_KEY), "
+                                   "not the key itself")
+        value = self.base_url
+        if value == "simulator":
+            return None
+        if any(ch.isspace() or not ch.isprintable() for ch in value):
+            return "base_url", "must not contain spaces or control characters"
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 - urlsplit checks the port only when it is read
+        except ValueError as exc:
+            return "base_url", f"cannot be parsed as a URL: {exc}"
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            return "base_url", 'must be an http(s) URL like https://api.atoma.network/v1, or "simulator"'
+        if parts.username or parts.password:
+            return "base_url", ("must not hold credentials; put the key in the environment variable "
+                                "named by api.api_key_env")
+        # Plain http to a remote host is refused by the runner only when a key would be sent.
+        return None
 
-class RequestSpec(BaseModel):
-    """The request body parameters; any field not named here lands in ``extra``."""
 
-    model_config = _FROZEN
+class RequestSpec(_Spec, frozen=True):
+    """The request body parameters; any other key of ``[request]`` lands in ``extra``."""
 
     model: str
     max_tokens: PositiveInt = 256
     temperature: NonNegativeFloat | None = None
-    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    top_p: Annotated[float, msgspec.Meta(gt=0, le=1)] | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: Annotated[int, msgspec.Meta(ge=-_INT64_MAX - 1, le=_INT64_MAX)] | None = None
     n: PositiveInt | None = None
-    extra: dict[str, Any] = Field(default_factory=dict)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _collect_extra(cls, data: Any) -> Any:
-        if not isinstance(data, dict):
-            return data
-        known = set(cls.model_fields)
-        extra = data.get("extra", {})
-        unknown = {k: v for k, v in data.items() if k not in known}
-        if not unknown:
-            return data
-        merged = {k: v for k, v in data.items() if k in known}
-        merged["extra"] = {**extra, **unknown} if isinstance(extra, dict) else extra
-        return merged
-
-    @field_validator("extra")
-    @classmethod
-    def _not_reserved(cls, value: dict[str, Any]) -> dict[str, Any]:
-        clash = sorted(_RESERVED_BODY_FIELDS.intersection(value))
-        if clash:
-            raise ValueError(f"'{clash[0]}' is set by promptmill, not by the job")
-        return value
+    extra: dict[str, Any] = msgspec.field(default_factory=dict)
 
     def params(self) -> dict[str, Any]:
         """The body fields after ``model`` and the prompt, in the order they are sent."""
@@ -300,60 +258,62 @@ class RequestSpec(BaseModel):
         body.update(self.extra)
         return body
 
+    def _problem(self) -> tuple[str, str] | None:
+        clash = sorted(_RESERVED_BODY_FIELDS.intersection(self.extra))
+        if clash:
+            return clash[0], f"'{clash[0]}' is set by promptmill, not by the job"
+        for name, value in self.extra.items():
+            try:
+                orjson.dumps(value)
+            except TypeError as exc:  # an integer beyond 64 bits, a TOML date
+                return name, f"cannot be sent as JSON ({exc})"
+        return None
 
-class LimitsSpec(BaseModel):
-    model_config = _FROZEN
 
+class LimitsSpec(_Spec, frozen=True):
     concurrency: PositiveInt = 32
     rpm: PositiveFloat | None = None
     tpm: PositiveFloat | None = None
 
 
-class RetrySpec(BaseModel):
-    model_config = _FROZEN
-
+class RetrySpec(_Spec, frozen=True):
     max_attempts: PositiveInt = 5
     initial_wait_s: NonNegativeFloat = 1.0
     max_wait_s: NonNegativeFloat = 60.0
     row_budget_s: PositiveFloat = 900.0
 
 
-class PriceSpec(BaseModel):
-    """USD per million tokens; ``cached_input`` defaults to ``input``."""
-
-    model_config = _FROZEN
+class PriceSpec(_Spec, frozen=True):
+    """USD per million tokens; ``cached_input`` left out of a job file is ``input``."""
 
     input: NonNegativeFloat
     output: NonNegativeFloat
     cached_input: NonNegativeFloat
 
-    @model_validator(mode="before")
-    @classmethod
-    def _cached_defaults_to_input(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "cached_input" not in data and "input" in data:
-            return {**data, "cached_input": data["input"]}
-        return data
 
-
-class JobSpec(BaseModel):
+class JobSpec(_Spec, frozen=True):
     """A validated job. ``source`` is the job file it came from (``None``: overrides only)."""
 
-    model_config = _FROZEN
-
-    job: JobSection = Field(default_factory=JobSection)
     input: InputSpec
     output: OutputSpec
     api: ApiSpec
     request: RequestSpec
-    limits: LimitsSpec = Field(default_factory=LimitsSpec)
-    retry: RetrySpec = Field(default_factory=RetrySpec)
-    pricing: dict[str, PriceSpec] = Field(default_factory=dict)
+    job: JobSection = msgspec.field(default_factory=JobSection)
+    limits: LimitsSpec = msgspec.field(default_factory=LimitsSpec)
+    retry: RetrySpec = msgspec.field(default_factory=RetrySpec)
+    pricing: dict[str, PriceSpec] = msgspec.field(default_factory=dict)
     simulator: dict[str, Any] | None = None
-    source: Path | None = Field(default=None, exclude=True)
+    source: Path | None = None
 
     @property
     def name(self) -> str:
         return self.job.name
+
+    def settings(self) -> dict[str, Any]:
+        """The job's settings as JSON types, for the output's metadata (``source`` left out)."""
+        doc: dict[str, Any] = msgspec.to_builtins(self, enc_hook=str)
+        doc.pop("source", None)
+        return doc
 
     def flush_rows(self) -> int:
         """Rows a part holds: ``[output] flush_rows``, else 500 or the concurrency, the larger.
@@ -370,7 +330,6 @@ class JobSpec(BaseModel):
         if when.tzinfo is not None:
             when = when.astimezone(UTC)
         return Path(self.output.path.format(date=when.strftime("%Y-%m-%d"), job=self.name))
-
 
 
 # --- loading -----------------------------------------------------------------
@@ -556,36 +515,72 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def _walk_key(data: Any, loc: tuple[int | str, ...], error_type: str) -> tuple[str, ...]:
-    """The part of a pydantic error location that names keys the user wrote."""
-    walked: list[str] = []
-    node: Any = data
-    for part in loc:
-        inside_table = isinstance(node, Mapping) and part in node
-        inside_list = isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)
-        if inside_table or inside_list:
-            walked.append(str(part))
-            node = node[part]
-        else:
-            if error_type == "missing" and isinstance(part, str):
-                walked.append(part)
-            break
-    return tuple(walked)
+_MSGSPEC_WHERE = re.compile(r" - at `\$((?:\.[A-Za-z_][A-Za-z0-9_]*|\[\d+\])*)`$")
+_MSGSPEC_PART = re.compile(r"\.([A-Za-z_][A-Za-z0-9_]*)|\[(\d+)\]")
+_EXPECTED = re.compile(r"Expected `([^`]+)`(?:, got `([^`]+)`| (>=|>|<=|<) (\S+))?$")
+_KINDS = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
+          "array": "a list", "object": "a table", "date": "a date", "datetime": "a date and time",
+          "time": "a time"}
 
 
-def _describe(err: Mapping[str, Any]) -> str:
-    kind = err["type"]
-    if kind == "extra_forbidden":
-        return "unknown key"
-    if kind == "missing":
-        return "required key is missing"
-    msg = str(err["msg"])
-    for prefix in ("Value error, ", "Assertion failed, "):
-        if msg.startswith(prefix):
-            msg = msg[len(prefix) :]
-    if msg.startswith("Input should"):
-        return "should" + msg[len("Input should") :]
-    return msg[:1].lower() + msg[1:]
+def _kind(name: str) -> str:
+    return _KINDS.get(name, name)
+
+
+def _choices(cls: type[Any], key: tuple[str, ...]) -> tuple[Any, ...]:
+    """The values a ``Literal`` field at ``key`` (below ``cls``) accepts, else ()."""
+    node: Any = cls
+    for part in key:
+        field = next((f for f in msgspec.structs.fields(node) if f.encode_name == part), None)
+        if field is None:
+            return ()
+        node = field.type
+    return getattr(node, "__args__", ()) if getattr(node, "__origin__", None) is Literal else ()
+
+
+def _translate(exc: msgspec.ValidationError, cls: type[Any]) -> tuple[str, tuple[str, ...]]:
+    """One ``ValidationError`` from :func:`msgspec.convert` as (message, key path)."""
+    text = str(exc)
+    key: tuple[str, ...] = ()
+    if m := _MSGSPEC_WHERE.search(text):
+        key = tuple(name or index for name, index in _MSGSPEC_PART.findall(m.group(1)))
+        text = text[: m.start()]
+    if text.startswith("Object contains unknown field `"):
+        return "unknown key", (*key, text.split("`")[1])
+    if text.startswith("Object missing required field `"):
+        return "required key is missing", (*key, text.split("`")[1])
+    if text.startswith("Invalid enum value "):
+        allowed = [repr(c) for c in _choices(cls, key)]
+        if allowed:
+            return f"should be {', '.join(allowed[:-1])} or {allowed[-1]}", key
+    if m := _EXPECTED.fullmatch(text):
+        wanted = " or ".join(_kind(t) for t in m.group(1).split(" | ") if t != "null")
+        if m.group(2):
+            got = "a boolean" if m.group(2) == "bool" else _kind(m.group(2))
+            return f"should be {wanted}, not {got}", key
+        if m.group(3):
+            bound = m.group(4).removesuffix(".0")
+            return f"should be {wanted} {m.group(3)} {bound}", key
+        return f"should be {wanted}", key
+    return text[:1].lower() + text[1:], key
+
+
+def _path_hook(kind: type, value: Any) -> Any:
+    if kind is Path and isinstance(value, str):
+        return Path(value)
+    raise TypeError(f"should be a path, not {_kind(type(value).__name__)}")
+
+
+def _convert(data: Any, cls: type[_T], located: _Located, prefix: tuple[str, ...] = ()) -> _T:
+    try:
+        return msgspec.convert(data, cls, strict=True, dec_hook=_path_hook)
+    except msgspec.ValidationError as exc:
+        message, key = _translate(exc, cls)
+        raise located.error(message, (*prefix, *key)) from None
+
+
+def _strip_slash(base_url: str) -> str:
+    return base_url if base_url == "simulator" else base_url.rstrip("/")
 
 
 def _check_simulator_keys(table: Any, located: _Located) -> None:
@@ -640,6 +635,13 @@ def load_job(path: str | Path | None, overrides: Mapping[str, Any] | None = None
     if isinstance(request, dict):
         for name in sorted(_RESERVED_BODY_FIELDS.intersection(request)):
             raise located.error(f"'{name}' is set by promptmill, not by the job", ("request", name))
+        # any key RequestSpec does not name goes into the body as it is
+        known = {f.encode_name for f in msgspec.structs.fields(RequestSpec)}
+        unknown = {k: v for k, v in request.items() if k not in known}
+        if unknown:
+            extra = request.get("extra", {})
+            data["request"] = {k: v for k, v in request.items() if k in known}
+            data["request"]["extra"] = {**extra, **unknown} if isinstance(extra, dict) else extra
     for section in ("input", "output", "api", "request"):
         # An absent section reports its first missing key, not "missing section".
         data.setdefault(section, {})
@@ -648,12 +650,20 @@ def load_job(path: str | Path | None, overrides: Mapping[str, Any] | None = None
         job = data.setdefault("job", {})
         job.setdefault("name", source.stem if source is not None else "job")
 
-    try:
-        spec = JobSpec.model_validate(data)
-    except ValidationError as exc:
-        err = exc.errors(include_url=False, include_input=False, include_context=False)[0]
-        where = _walk_key(data, tuple(err["loc"]), err["type"])
-        raise located.error(_describe(err), where) from None
+    pricing = data.pop("pricing", {})
+    spec = _convert(data, JobSpec, located)
+    prices = _convert(pricing, dict[str, Any], located, ("pricing",))
+    for model, price in prices.items():
+        if isinstance(price, dict) and "cached_input" not in price and "input" in price:
+            price = {**price, "cached_input": price["input"]}
+        prices[model] = _convert(price, PriceSpec, located, ("pricing", model))
+    for name in ("input", "output", "api", "request"):
+        problem = getattr(spec, name)._problem()
+        if problem is not None:
+            field, message = problem
+            raise located.error(message, (name, field))
+    spec = msgspec.structs.replace(spec, pricing=prices, source=source,
+                                   api=msgspec.structs.replace(spec.api, base_url=_strip_slash(spec.api.base_url)))
 
     if spec.api.endpoint == "completions" and spec.input.messages_column is not None:
         raise located.error(
@@ -662,4 +672,4 @@ def load_job(path: str | Path | None, overrides: Mapping[str, Any] | None = None
         )
     if spec.simulator is not None:
         _check_simulator_keys(spec.simulator, located)
-    return spec.model_copy(update={"source": source})
+    return spec

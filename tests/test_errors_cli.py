@@ -84,12 +84,12 @@ def test_job_file_not_toml_names_the_line(
     ("extra", "key", "line_no", "what"),
     [
         ("[limits]\nconcurency = 4\n", "limits.concurency", 10, "unknown key"),
-        ("[limits]\nconcurrency = \"4\"\n", "limits.concurrency", 10, "should be a valid integer"),
-        ("[limits]\nconcurrency = 0\n", "limits.concurrency", 10, "greater than 0"),
-        ("[limits]\nconcurrency = -3\n", "limits.concurrency", 10, "greater than 0"),
-        ("[limits]\nrpm = 0\n", "limits.rpm", 10, "greater than 0"),
-        ("[limits]\ntpm = -100\n", "limits.tpm", 10, "greater than 0"),
-        ("[retry]\nmax_attempts = 0\n", "retry.max_attempts", 10, "greater than 0"),
+        ("[limits]\nconcurrency = \"4\"\n", "limits.concurrency", 10, "should be an integer, not a string"),
+        ("[limits]\nconcurrency = 0\n", "limits.concurrency", 10, "should be an integer >= 1"),
+        ("[limits]\nconcurrency = -3\n", "limits.concurrency", 10, "should be an integer >= 1"),
+        ("[limits]\nrpm = 0\n", "limits.rpm", 10, "should be a number > 0"),
+        ("[limits]\ntpm = -100\n", "limits.tpm", 10, "should be a number > 0"),
+        ("[retry]\nmax_attempts = 0\n", "retry.max_attempts", 10, "should be an integer >= 1"),
     ],
 )
 def test_bad_job_file_key_names_line_and_key(
@@ -123,7 +123,7 @@ def test_zero_concurrency_option_says_it_came_from_an_override(
     tmp_path: Path, sim: SimServer, good: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     line = refused(capsys, sim, *run_args(good, tmp_path / "o.parquet", sim.base_url, "--concurrency", "0"))
-    assert "key 'limits.concurrency'" in line and "greater than 0" in line and "override" in line
+    assert "key 'limits.concurrency'" in line and "should be an integer >= 1" in line and "override" in line
 
 
 def test_prompt_template_naming_a_missing_column(

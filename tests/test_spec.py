@@ -122,7 +122,7 @@ def test_defaults(tmp_path: Path) -> None:
     spec = load_job(write(tmp_path, MINIMAL, "nightly.toml"))
     assert spec.name == "nightly"
     assert spec.input.format == "auto"
-    assert spec.input.id_column == "id"
+    assert (spec.input.id_column, spec.input.id_name) == (None, "id")
     assert spec.input.prompt_column == "prompt"
     assert spec.input.on_bad_line == "abort"
     assert spec.api.endpoint == "chat"
@@ -186,19 +186,19 @@ def test_not_utf8(tmp_path: Path) -> None:
         (MINIMAL + "\n[limits]\nconcurency = 4\n", 14, "limits.concurency", "unknown key"),
         (MINIMAL + "\n[limit]\nconcurrency = 4\n", 13, "limit", "unknown key"),
         (MINIMAL.replace('model = "m"', 'model = "m"\nstream = true'), 12, "request.stream", "set by promptmill"),
-        (MINIMAL + "\n[limits]\nconcurrency = \"8\"\n", 14, "limits.concurrency", "valid integer"),
-        (MINIMAL + "\n[limits]\nconcurrency = true\n", 14, "limits.concurrency", "valid integer"),
-        (MINIMAL + "\n[limits]\nconcurrency = 0\n", 14, "limits.concurrency", "greater than 0"),
-        (MINIMAL + "\n[limits]\nconcurrency = -3\n", 14, "limits.concurrency", "greater than 0"),
-        (MINIMAL + "\n[limits]\nrpm = 0\n", 14, "limits.rpm", "greater than 0"),
-        (MINIMAL + "\n[limits]\ntpm = -1.5\n", 14, "limits.tpm", "greater than 0"),
-        (MINIMAL + "\n[retry]\nmax_attempts = 0\n", 14, "retry.max_attempts", "greater than 0"),
-        (MINIMAL.replace('model = "m"', 'model = "m"\nmax_tokens = 0'), 12, "request.max_tokens", "greater than 0"),
+        (MINIMAL + "\n[limits]\nconcurrency = \"8\"\n", 14, "limits.concurrency", "should be an integer, not"),
+        (MINIMAL + "\n[limits]\nconcurrency = true\n", 14, "limits.concurrency", "should be an integer, not"),
+        (MINIMAL + "\n[limits]\nconcurrency = 0\n", 14, "limits.concurrency", "should be an integer >= 1"),
+        (MINIMAL + "\n[limits]\nconcurrency = -3\n", 14, "limits.concurrency", "should be an integer >= 1"),
+        (MINIMAL + "\n[limits]\nrpm = 0\n", 14, "limits.rpm", "should be a number > 0"),
+        (MINIMAL + "\n[limits]\ntpm = -1.5\n", 14, "limits.tpm", "should be a number > 0"),
+        (MINIMAL + "\n[retry]\nmax_attempts = 0\n", 14, "retry.max_attempts", "should be an integer >= 1"),
+        (MINIMAL.replace('model = "m"', 'model = "m"\nmax_tokens = 0'), 12, "request.max_tokens", "should be an integer >= 1"),
         (MINIMAL.replace('/v1"', '/v1"\nendpoint = "embeddings"'), 9, "api.endpoint", "'chat' or 'completions'"),
-        (MINIMAL.replace('/v1"', '/v1"\nstream = "yes"'), 9, "api.stream", "valid boolean"),
+        (MINIMAL.replace('/v1"', '/v1"\nstream = "yes"'), 9, "api.stream", "should be true or false, not a string"),
         (MINIMAL.replace('path = "in.jsonl"', 'path = "in.jsonl"\nformat = "csv"'), 3, "input.format", "'auto'"),
         (MINIMAL.replace('path = "in.jsonl"', 'path = "in.jsonl"\non_bad_line = "skip"'), 3, "input.on_bad_line", "'abort'"),
-        (MINIMAL.replace('path = "in.jsonl"', 'path = "in.jsonl"\npassthrough = "lang"'), 3, "input.passthrough", "valid tuple"),
+        (MINIMAL.replace('path = "in.jsonl"', 'path = "in.jsonl"\npassthrough = "lang"'), 3, "input.passthrough", "should be a list, not a string"),
         (MINIMAL.replace('path = "in.jsonl"', 'path = "in.jsonl"\nprompt_template = "{}"'), 3, "input.prompt_template", "positional"),
         (MINIMAL.replace('path = "in.jsonl"', 'path = "in.jsonl"\nprompt_template = "{a.b}"'), 3, "input.prompt_template", "plain column"),
         (MINIMAL.replace('path = "in.jsonl"', 'path = "in.jsonl"\nprompt_template = "{oops"'), 3, "input.prompt_template", ""),
@@ -210,11 +210,18 @@ def test_not_utf8(tmp_path: Path) -> None:
         ),
         (MINIMAL.replace('"out.parquet"', '"out-{day}.parquet"'), 5, "output.path", "unknown placeholder {day}"),
         (MINIMAL.replace("http://127.0.0.1:8089/v1", "ftp://x/v1"), 8, "api.base_url", "http(s) URL"),
-        (MINIMAL + '\n[pricing."m"]\ninput = "cheap"\noutput = 1\n', 14, "pricing.m.input", "valid number"),
+        (MINIMAL + '\n[pricing."m"]\ninput = "cheap"\noutput = 1\n', 14, "pricing.m.input", "should be a number, not a string"),
         (MINIMAL + '\n[pricing."m"]\ninput = 1\n', 13, "pricing.m.output", "missing"),
-        (MINIMAL + '\n[pricing."m"]\ninput = -1\noutput = 1\n', 14, "pricing.m.input", "greater than or equal to 0"),
-        (MINIMAL + "\n[job]\nname = 3\n", 14, "job.name", "valid string"),
+        (MINIMAL + '\n[pricing."m"]\ninput = -1\noutput = 1\n', 14, "pricing.m.input", "should be a number >= 0"),
+        (MINIMAL + "\n[job]\nname = 3\n", 14, "job.name", "should be a string, not an integer"),
         ('source = "x"\n' + MINIMAL, 1, "source", "unknown key"),
+        (MINIMAL + '\n[pricing]\nm = 3\n', 14, "pricing.m", "should be a table, not an integer"),
+        (MINIMAL + "\n[limits]\nconcurrency = 99999999999999999999\n", 14, "limits.concurrency",
+         "should be an integer <= 9223372036854775807"),
+        (MINIMAL.replace('model = "m"', 'model = "m"\nlogit_bias = { 7 = 99999999999999999999 }'), 12,
+         "request.logit_bias", "cannot be sent as JSON"),
+        (MINIMAL.replace('path = "in.jsonl"', "path = 3"), 2, "input.path", "should be a path, not an integer"),
+        (MINIMAL + "\n[limits]\nconcurrency = 1.5\n", 14, "limits.concurrency", "should be an integer, not a number"),
     ],
 )
 def test_bad_job_file_names_file_line_and_key(
