@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 from typing import TYPE_CHECKING, Any
 
 # The package face is loaded on first use, so ``promptmill --help`` or ``simulate``
-# and a library user who needs one module do not pay for Arrow, pydantic and httpx.
+# and a library user who needs one module do not pay for Arrow and httpx.
 _EXPORTS = {
     **dict.fromkeys(
         ("APIConnectionError", "APIStatusError", "InputError", "JobFileError", "JobStopped", "OutputError",

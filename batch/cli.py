@@ -253,7 +253,7 @@ def entry() -> NoReturn:
     """The ``promptmill`` command and ``python -m batch``: :func:`main`, then exit at once.
 
     By then every file is written, fsynced and closed; tearing down the
-    interpreter (Arrow, pydantic, the event loop's worker threads) would only
+    interpreter (Arrow, httpx, the event loop's worker threads) would only
     add about 0.1 s to every run. An unexpected exception still exits the
     usual way, with its traceback.
     """
