@@ -1,6 +1,7 @@
 """The ``promptmill`` command: parse arguments, call one function, turn errors into one line.
 
-Exit codes: 0 every row ok; 1 finished with failed rows; 2 bad job file, option,
+Exit codes: 0 every row ok; 1 finished with failed rows (this run's, or an
+earlier run's kept by --no-retry-failed); 2 bad job file, option,
 input or output (nothing sent); 3 stopped by a fatal server answer (401, 402,
 403, spent quota) after keeping what was done; 130 / 143 stopped by SIGINT /
 SIGTERM after keeping what was done.
@@ -171,7 +172,7 @@ def _run(args: argparse.Namespace) -> int:
         return code
     if opts.exit_signal is not None:
         return 128 + opts.exit_signal
-    return 1 if summary is not None and summary.rows_failed else 0
+    return 1 if summary is not None and (summary.rows_failed or summary.rows_failed_kept) else 0
 
 
 def _have_uvloop() -> bool:

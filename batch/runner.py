@@ -433,6 +433,7 @@ async def run_job(spec: JobSpec, opts: RunOptions | None = None) -> Summary:
             raise first from None
         finally:
             progress.close()
+            summary.rows_failed_kept = index.failed_skipped
             summary.wall_s = opts.clock() - wall_start
             await job.flush()
             _release_memory()  # what the run's buffers held, before the merge needs its own

@@ -73,6 +73,7 @@ class Summary:
     job: str
     output: str
     rows_skipped: int = 0
+    rows_failed_kept: int = 0  # of rows_skipped: rows that failed before, kept by --no-retry-failed
     models: dict[str, ModelTotals] = field(default_factory=dict)
     latencies: array[float] = field(default_factory=lambda: array("d"))
     wall_s: float = 0.0
@@ -129,6 +130,7 @@ class Summary:
             "rows_ok": self.rows_ok,
             "rows_failed": self.rows_failed,
             "rows_skipped": self.rows_skipped,
+            "rows_failed_kept": self.rows_failed_kept,
             "totals": self.total().as_dict(),
             "models": {name: t.as_dict() for name, t in sorted(self.models.items())},
             "errors": dict(sorted(self.errors.items())),
@@ -155,6 +157,8 @@ class Summary:
         lines.append(
             f"  rows      {d['rows_ok']:,} ok, {d['rows_failed']:,} failed"
             + (f", {d['rows_skipped']:,} already done (skipped)" if d["rows_skipped"] else "")
+            + (f", of which {d['rows_failed_kept']:,} failed earlier and were kept (--no-retry-failed)"
+               if d["rows_failed_kept"] else "")
         )
         lines.append(
             f"  tokens    {t['prompt_tokens']:,} in ({t['cached_tokens']:,} cached), "

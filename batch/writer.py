@@ -37,7 +37,7 @@ import shutil
 from array import array
 from bisect import bisect_left
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -398,26 +398,38 @@ def _winners(all_rows: pa.Table) -> pa.Array:
     return pc.is_in(seq, value_set=grouped["seq_max"])
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ResumeIndex:
-    """The (id, request fingerprint) keys a rerun may skip, as a sorted array of hashes.
+    """The (id, request fingerprint) keys a rerun may skip, as sorted arrays of hashes.
 
     8 bytes a finished row: a million-row output costs 8 MB. A key is the Python
     ``hash`` of ``id + "\\x1f" + fingerprint`` in this process, so it never leaves it.
+    ``failed_keys`` holds the failed rows a rerun keeps (``--no-retry-failed``);
+    a lookup that finds one counts it in ``failed_skipped``.
     """
 
-    keys: array[int]  # array('q'), sorted
+    keys: array[int]  # array('q'), sorted: rows done ok
     rows_ok: int
     rows_failed: int
+    failed_keys: array[int] = field(default_factory=lambda: array("q"))  # sorted
+    failed_skipped: int = 0
 
     def __contains__(self, key: tuple[str, str]) -> bool:
         h = hash(f"{key[0]}{_KEY_SEP}{key[1]}")
-        keys = self.keys
-        i = bisect_left(keys, h)
-        return i < len(keys) and keys[i] == h
+        if _holds(self.keys, h):
+            return True
+        if self.failed_keys and _holds(self.failed_keys, h):
+            self.failed_skipped += 1
+            return True
+        return False
 
     def __len__(self) -> int:
-        return len(self.keys)
+        return len(self.keys) + len(self.failed_keys)
+
+
+def _holds(keys: array[int], h: int) -> bool:
+    i = bisect_left(keys, h)
+    return i < len(keys) and keys[i] == h
 
 
 def load_index(output: Path, *, include_failed: bool = False) -> ResumeIndex:
@@ -436,11 +448,13 @@ def load_index(output: Path, *, include_failed: bool = False) -> ResumeIndex:
 
     ok = pc.fill_null(pc.equal(latest["status"], "ok"), False)
     rows_ok = pc.sum(ok).as_py() or 0
-    keep = latest if include_failed else latest.filter(ok)
-    joined = pc.binary_join_element_wise(
-        keep["id"], pc.fill_null(keep["request_fingerprint"], ""), _KEY_SEP
-    ).to_pylist()
-    return ResumeIndex(_sorted_keys(array("q", map(hash, joined))), rows_ok, latest.num_rows - rows_ok)
+
+    def keys(rows: pa.Table) -> array[int]:
+        joined = pc.binary_join_element_wise(rows["id"], pc.fill_null(rows["request_fingerprint"], ""), _KEY_SEP)
+        return _sorted_keys(array("q", map(hash, joined.to_pylist())))
+
+    failed = keys(latest.filter(pc.invert(ok))) if include_failed else array("q")
+    return ResumeIndex(keys(latest.filter(ok)), rows_ok, latest.num_rows - rows_ok, failed)
 
 
 def _sorted_keys(keys: array[int]) -> array[int]:

@@ -6,6 +6,7 @@ on loopback; the simulator's request counter is what a run was charged for.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -266,7 +267,9 @@ def test_failed_rows_are_retried_by_default_kept_with_no_retry_failed_and_fresh_
 
     sim.configure(fault_rate=0.0)
     code, out, err = run(job, "--no-retry-failed")
-    assert f"{n} already done (skipped)" in out, err
+    assert code == 1, err  # the output still holds failed rows
+    assert f"{n} already done (skipped), of which {len(failed)} failed earlier and were kept" in out, err
+    assert json.loads(outp.with_name(outp.name + ".summary.json").read_text())["rows_failed_kept"] == len(failed)
     assert requests(sim) == n  # nothing sent
     assert {r["id"] for r in output_rows(outp) if r["status"] == "failed"} == failed
 

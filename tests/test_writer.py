@@ -94,7 +94,9 @@ def test_resume_index_skips_ok_rows_with_the_same_request_only(tmp_path: Path) -
     assert ("r0", "b") not in index  # the request changed: redo
     assert ("r1", "a") not in index  # failed rows are retried by default
     assert index.rows_ok == 1 and index.rows_failed == 1
-    assert ("r1", "a") in out.load_index(output, include_failed=True)
+    kept = out.load_index(output, include_failed=True)
+    assert ("r1", "a") in kept and ("r0", "a") in kept and ("r1", "b") not in kept
+    assert kept.failed_skipped == 1  # one lookup found a failed row
 
 
 def test_empty_index_when_nothing_was_done(tmp_path: Path) -> None:
