@@ -34,6 +34,7 @@ from typing import Any, Final, cast
 
 import anyio
 import httpx
+import msgspec
 import orjson
 from httpx_sse import EventSource, SSEError
 
@@ -73,8 +74,7 @@ class Timeouts:
 _DEFAULT_TIMEOUTS: Final = Timeouts()
 
 
-@dataclass(frozen=True, slots=True)
-class Reply:
+class Reply(msgspec.Struct, frozen=True, gc=False):
     """A successful answer. ``headers`` are the response's (case-insensitive), for the limiter."""
 
     completion: Completion

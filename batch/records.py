@@ -1,17 +1,22 @@
-"""Small frozen records that travel through the pipeline, one per row and stage."""
+"""Small frozen records that travel through the pipeline, one per row and stage.
+
+msgspec Structs, not dataclasses: a frozen dataclass sets each field through
+``object.__setattr__`` (a 24-field ``Result`` took 8.5 µs to make, against 1.1),
+and records that never hold a cycle need not be tracked by the cyclic collector.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
+
+import msgspec
 
 __all__ = ["Completion", "Request", "Result", "Row", "Usage"]
 
 
-@dataclass(frozen=True, slots=True)
-class Usage:
+class Usage(msgspec.Struct, frozen=True, gc=False):
     """Token counts as the server reported them."""
 
     prompt_tokens: int
@@ -21,8 +26,7 @@ class Usage:
     reasoning_tokens: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Completion:
+class Completion(msgspec.Struct, frozen=True, gc=False):
     """A parsed successful answer (non-streamed body or an assembled stream)."""
 
     text: str
@@ -35,8 +39,7 @@ class Completion:
     ttft_s: float | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Row:
+class Row(msgspec.Struct, frozen=True, gc=False):
     """One input row as the reader yields it.
 
     ``index`` is the 0-based position in the input; ``line`` the 1-based line of a
@@ -52,8 +55,7 @@ class Row:
     values: Mapping[str, Any]
 
 
-@dataclass(frozen=True, slots=True)
-class Request:
+class Request(msgspec.Struct, frozen=True, gc=False):
     """What the job sends for one row."""
 
     index: int
@@ -64,8 +66,7 @@ class Request:
     fingerprint: str
 
 
-@dataclass(frozen=True, slots=True)
-class Result:
+class Result(msgspec.Struct, frozen=True, gc=False):
     """The outcome of one row, as written to the output."""
 
     index: int

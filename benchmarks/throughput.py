@@ -697,7 +697,10 @@ def _compile_bytecode() -> None:
     """
     import compileall
 
-    compileall.compile_dir(str(REPO / "batch"), quiet=1)
+    # force: compileall trusts a .pyc whose recorded mtime matches the source's
+    # (whole seconds), while the importer also checks the size; a file rewritten
+    # within the second of its last compile would be compiled again on every run
+    compileall.compile_dir(str(REPO / "batch"), quiet=1, force=True)
 
 
 @contextlib.contextmanager
