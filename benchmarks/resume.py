@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 from batch import writer as out  # noqa: E402  (the package of this checkout, not an installed one)
 from batch.prompts import RequestBuilder  # noqa: E402
 from batch.reader import InputReader  # noqa: E402
+from batch.runner import job_identity  # noqa: E402
 from batch.simulator import SimConfig, SimServer  # noqa: E402
 from batch.spec import load_job  # noqa: E402
 
@@ -178,7 +179,7 @@ def million(args: argparse.Namespace, tmp: Path) -> dict[str, float]:
         columns.update(id=pa.array(ids[:done]), request_fingerprint=pa.array(fps[:done]),
                        status=pa.array(["ok"] * done), model=pa.array([spec.request.model] * done))
         table = pa.Table.from_arrays([columns[f.name] for f in schema], schema=schema)
-        out.write_job_identity(outp, {"job": spec.name, "input": str(inp.resolve()), "id_column": spec.input.id_column})
+        out.write_job_identity(outp, job_identity(spec))
         writer = out.PartWriter(outp, schema, run=1)
         for start_row in range(0, done, 100_000):
             writer.write(table.slice(start_row, 100_000))

@@ -346,6 +346,17 @@ def test_a_parquet_file_without_our_columns_at_the_output_path_is_one_clear_line
     assert pq.read_table(outp).column_names == ["a"] and requests(sim) == 0
 
 
+def test_the_job_identity_of_a_default_id_column_is_what_earlier_versions_wrote(tmp_path: Path) -> None:
+    # an output an earlier version wrote names "id" as its id column: it must still be resumed
+    from batch.runner import job_identity
+
+    job = tmp_path / "job.toml"
+    job.write_text('[input]\npath = "in.jsonl"\n[output]\npath = "o.parquet"\n[api]\nbase_url = "simulator"\n'
+                   '[request]\nmodel = "m"\n')
+    assert job_identity(load_job(job)) == {"job": "job", "input": str(Path("in.jsonl").resolve()), "id_column": "id"}
+    assert job_identity(load_job(job, {"input.id_column": "uid"}))["id_column"] == "uid"
+
+
 def test_a_lock_on_a_lock_file_removed_meanwhile_is_taken_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
