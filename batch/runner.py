@@ -136,9 +136,9 @@ async def _endpoint(spec: JobSpec) -> AsyncIterator[str]:
     if not spec.api.is_simulator:
         yield spec.api.base_url
         return
-    from batch.simulator import SimConfig, SimServer
+    from batch.simulator import SimConfig, SimServer, changed_config
 
-    config = SimConfig(**dict(spec.simulator or {}))
+    config = changed_config(SimConfig(), spec.simulator or {})
     server = await anyio.to_thread.run_sync(SimServer(config).start)
     try:
         log.info("started the built-in simulator at %s", server.base_url)

@@ -169,8 +169,11 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
 }
 
 
-def _changed(config: SimConfig, changes: Mapping[str, Any]) -> SimConfig:
-    """A validated copy of ``config`` with ``changes`` (JSON-shaped values accepted)."""
+def changed_config(config: SimConfig, changes: Mapping[str, Any]) -> SimConfig:
+    """A validated copy of ``config`` with ``changes`` (JSON-shaped values accepted).
+
+    Raises ``ValueError`` naming the setting that is unknown, of the wrong type or out of range.
+    """
     for name, value in changes.items():
         types = _FIELD_TYPES.get(name)
         if types is None:
@@ -317,7 +320,7 @@ class SimState:
         self.rng = random.Random(self.config.seed)
 
     def configure(self, changes: Mapping[str, Any]) -> SimConfig:
-        new = _changed(self.config, changes)
+        new = changed_config(self.config, changes)
         if new.seed != self.config.seed:
             self.rng = random.Random(new.seed)
         self.config = new

@@ -51,12 +51,11 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import math
 import re
 import string
 import tomllib
 from collections.abc import Mapping
-from dataclasses import fields as dataclass_fields
-from dataclasses import is_dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -262,10 +261,12 @@ class RequestSpec(_Spec, frozen=True):
         clash = sorted(_RESERVED_BODY_FIELDS.intersection(self.extra))
         if clash:
             return clash[0], f"'{clash[0]}' is set by promptmill, not by the job"
-        for name, value in self.extra.items():
+        for name, value in self.params().items():
+            if isinstance(value, float) and not math.isfinite(value):
+                return name, "must be a finite number (JSON has no inf or nan)"
             try:
                 orjson.dumps(value)
-            except TypeError as exc:  # an integer beyond 64 bits, a TOML date
+            except TypeError as exc:  # an integer beyond 64 bits
                 return name, f"cannot be sent as JSON ({exc})"
         return None
 
@@ -583,19 +584,21 @@ def _strip_slash(base_url: str) -> str:
     return base_url if base_url == "simulator" else base_url.rstrip("/")
 
 
-def _check_simulator_keys(table: Any, located: _Located) -> None:
+def _check_simulator(table: Any, located: _Located) -> None:
+    """The ``[simulator]`` table: each setting known, of its type and in range (before anything runs)."""
+    from batch.simulator import SimConfig, changed_config
+
     if not isinstance(table, Mapping):
         return
+    for key, value in table.items():
+        try:
+            changed_config(SimConfig(), {key: value})
+        except ValueError as exc:
+            raise located.error(str(exc), ("simulator", str(key))) from None
     try:
-        from batch.simulator import SimConfig  # type: ignore[import-not-found,unused-ignore]
-    except ImportError:
-        return
-    if not is_dataclass(SimConfig):
-        return
-    known = {f.name for f in dataclass_fields(SimConfig)}
-    for key in table:
-        if key not in known:
-            raise located.error("unknown simulator setting", ("simulator", str(key)))
+        changed_config(SimConfig(), table)
+    except ValueError as exc:  # settings that do not go together
+        raise located.error(str(exc), ("simulator",)) from None
 
 
 def load_job(path: str | Path | None, overrides: Mapping[str, Any] | None = None) -> JobSpec:
@@ -671,5 +674,5 @@ def load_job(path: str | Path | None, overrides: Mapping[str, Any] | None = None
             ("input", "messages_column"),
         )
     if spec.simulator is not None:
-        _check_simulator_keys(spec.simulator, located)
+        _check_simulator(spec.simulator, located)
     return spec

@@ -222,6 +222,13 @@ def test_not_utf8(tmp_path: Path) -> None:
          "request.logit_bias", "cannot be sent as JSON"),
         (MINIMAL.replace('path = "in.jsonl"', "path = 3"), 2, "input.path", "should be a path, not an integer"),
         (MINIMAL + "\n[limits]\nconcurrency = 1.5\n", 14, "limits.concurrency", "should be an integer, not a number"),
+        (MINIMAL.replace('model = "m"', 'model = "m"\ntemperature = inf'), 12, "request.temperature", "finite number"),
+        (MINIMAL.replace('model = "m"', 'model = "m"\nfrequency_penalty = -inf'), 12, "request.frequency_penalty",
+         "finite number"),
+        (MINIMAL + "\n[simulator]\nbogus = 1\n", 14, "simulator.bogus", "unknown simulator setting"),
+        (MINIMAL + '\n[simulator]\nlatency_ms = "fast"\n', 14, "simulator.latency_ms", "wrong type"),
+        (MINIMAL + "\n[simulator]\nfault_rate = 2\n", 14, "simulator.fault_rate", "between 0 and 1"),
+        (MINIMAL + "\n[simulator]\nfault_rate = 0.5\nfaults = []\n", 13, "simulator", "faults is empty"),
     ],
 )
 def test_bad_job_file_names_file_line_and_key(
