@@ -580,6 +580,20 @@ def _convert(data: Any, cls: type[_T], located: _Located, prefix: tuple[str, ...
         raise located.error(message, (*prefix, *key)) from None
 
 
+def _check_passthrough(names: tuple[str, ...], located: _Located) -> None:
+    """Pass-through columns: each once, none a column promptmill writes itself."""
+    # imports pyarrow, which the run needs anyway
+    from batch.writer import RESULT_FIELDS
+
+    ours = {"id", *(f.name for f in RESULT_FIELDS)}
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise located.error(f"'{name}' is listed twice", ("input", "passthrough"))
+        if name in ours:
+            what = "the row's id is written as 'id' anyway" if name == "id" else "rename it in the input"
+            raise located.error(f"'{name}' is a column promptmill writes itself; {what}", ("input", "passthrough"))
+
+
 def _strip_slash(base_url: str) -> str:
     return base_url if base_url == "simulator" else base_url.rstrip("/")
 
@@ -668,6 +682,8 @@ def load_job(path: str | Path | None, overrides: Mapping[str, Any] | None = None
     spec = msgspec.structs.replace(spec, pricing=prices, source=source,
                                    api=msgspec.structs.replace(spec.api, base_url=_strip_slash(spec.api.base_url)))
 
+    if spec.input.passthrough:
+        _check_passthrough(spec.input.passthrough, located)
     if spec.api.endpoint == "completions" and spec.input.messages_column is not None:
         raise located.error(
             "the completions endpoint takes a prompt, not messages; use endpoint = \"chat\"",
