@@ -97,6 +97,8 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # Body fields the request builder or the client sets; a job must not set them.
 _RESERVED_BODY_FIELDS = frozenset({"messages", "prompt", "stream", "stream_options"})
 DEFAULT_ID_COLUMN = "id"
+# output paths whose ending promises another format than the Parquet written there
+_NOT_PARQUET_SUFFIXES = frozenset({".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".txt", ".xlsx"})
 
 
 def template_fields(template: str) -> tuple[str, ...]:
@@ -181,6 +183,8 @@ class OutputSpec(_Spec, frozen=True):
         for name in names:
             if name is not None and name not in ("date", "job"):
                 return "path", f"unknown placeholder {{{name}}}; use {{date}} or {{job}}"
+        if Path(self.path).suffix.lower() in _NOT_PARQUET_SUFFIXES:
+            return "path", "the output is a Parquet file; give a path ending in .parquet"
         return None
 
 

@@ -231,6 +231,7 @@ def test_not_utf8(tmp_path: Path) -> None:
          "'model' is a column promptmill writes itself"),
         (MINIMAL.replace('path = "in.jsonl"', 'path = "in.jsonl"\npassthrough = ["id"]'), 3, "input.passthrough",
          "written as 'id' anyway"),
+        (MINIMAL.replace('"out.parquet"', '"out.jsonl"'), 5, "output.path", "ending in .parquet"),
         (MINIMAL + "\n[simulator]\nbogus = 1\n", 14, "simulator.bogus", "unknown simulator setting"),
         (MINIMAL + '\n[simulator]\nlatency_ms = "fast"\n', 14, "simulator.latency_ms", "wrong type"),
         (MINIMAL + "\n[simulator]\nfault_rate = 2\n", 14, "simulator.fault_rate", "between 0 and 1"),
