@@ -166,6 +166,7 @@ class _Job:
         self.flush_rows = opts.flush_rows or spec.flush_rows()
         self.flush_s = opts.flush_s or spec.output.flush_s
         self.stopping = False
+        self.told: set[str] = set()  # failure codes already logged once
         self.flush_due = anyio.Event()
         # Requests sent but not yet durable: in flight, or finished and not yet in a part on
         # disk. A kill loses at most these, so they are held to concurrency + flush_rows.
@@ -277,6 +278,7 @@ class _Job:
                         self.stop_now(exc)
                         return
                     self.record(self._failure(request, exc, clock() - started))
+                    self._tell_first(exc)
                     continue
                 finally:
                     self.in_flight -= 1
@@ -322,6 +324,18 @@ class _Job:
             latency_s=reply.latency_s, ttft_s=c.ttft_s, attempts=attempts, http_status=reply.http_status,
             response_id=c.response_id, created=c.created, system_fingerprint=c.system_fingerprint,
         )
+
+    def _tell_first(self, exc: RequestError) -> None:
+        """Log the first failed row of each kind, so a long run shows what goes wrong as it goes."""
+        code = exc.code or type(exc).__name__
+        if code in self.told:
+            return
+        self.told.add(code)
+        hint = ""
+        if exc.http_status == 404:
+            hint = "; check api.base_url (with its version prefix, like .../v1) and request.model"
+        log.warning("row %s failed: %s%s (rows failing the same way are counted in the summary)",
+                    exc.row_id, exc.message, hint)
 
     def _failure(self, request: Request, exc: RequestError, elapsed: float) -> Result:
         return Result(

@@ -423,3 +423,16 @@ def test_debug_shows_the_traceback(tmp_path: Path, sim: SimServer, capsys: pytes
     assert "Traceback" in run.err and "InputError" in run.err
     assert f"{inp}, line 2: not valid JSON" in run.err
     assert sim.stats["requests"] == 0
+
+
+def test_a_base_url_without_its_version_fails_every_row_and_says_what_to_check_once(
+    tmp_path: Path, sim: SimServer, good: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # the simulator serves /v1/...: without /v1 every request gets a 404
+    run = run_cli(capsys, *run_args(good, tmp_path / "o.parquet", sim.base_url.removesuffix("/v1"), "--no-progress"))
+    assert run.code == 1
+    told = [line for line in run.err.splitlines() if "failed:" in line]
+    assert len(told) == 1, run.err  # one line, not one per row
+    assert "HTTP 404 (not_found): no route /chat/completions; check api.base_url (with its version prefix" in told[0]
+    rows = pq.read_table(tmp_path / "o.parquet").to_pylist()
+    assert len(rows) == 5 and {r["http_status"] for r in rows} == {404}
