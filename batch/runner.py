@@ -11,6 +11,9 @@ Stopping:
 
 * a fatal answer (401, 402, 403, spent quota) cancels everything at once; the
   rows already finished are flushed and assembled, and :class:`JobStopped` is raised;
+* so does an outage: no request has succeeded for ``retry.outage_s`` and the last
+  rows (at least twice the concurrency) all failed in ways that are retried
+  (connection errors, timeouts, 5xx; not 429, which the limiter waits out);
 * the first SIGINT or SIGTERM stops feeding, lets requests in flight finish
   within ``grace_s``, then flushes and assembles; a second signal cancels at once,
   still keeping every finished row.
@@ -167,6 +170,10 @@ class _Job:
         self.flush_s = opts.flush_s or spec.output.flush_s
         self.stopping = False
         self.told: set[str] = set()  # failure codes already logged once
+        self.outage_s = spec.retry.outage_s
+        self.down_after = max(10, 2 * spec.limits.concurrency)
+        self.down_rows = 0  # rows failed in a row, in ways that are retried (an outage when it lasts)
+        self.last_ok = opts.clock()
         self.flush_due = anyio.Event()
         # Requests sent but not yet durable: in flight, or finished and not yet in a part on
         # disk. A kill loses at most these, so they are held to concurrency + flush_rows.
@@ -195,10 +202,10 @@ class _Job:
             endpoint=self.endpoint, status="failed", error_code=code, error=message,
         ))
 
-    def stop_now(self, exc: RequestError) -> None:
+    def stop_now(self, exc: RequestError, message: str | None = None) -> None:
         """A fatal answer: every further request would fail the same way, so stop all of them."""
         if self.fatal is None:
-            self.fatal = JobStopped(_fatal_message(exc), cause=exc)
+            self.fatal = JobStopped(message or _fatal_message(exc), cause=exc)
             self.summary.stopped = str(self.fatal)
         self.stopping = True
         self.feed_scope.cancel()
@@ -279,10 +286,29 @@ class _Job:
                         return
                     self.record(self._failure(request, exc, clock() - started))
                     self._tell_first(exc)
+                    if self._outage(exc, clock()):
+                        return
                     continue
                 finally:
                     self.in_flight -= 1
+                self.down_rows = 0
+                self.last_ok = clock()
                 self.record(self._success(request, reply, attempts))
+
+    def _outage(self, exc: RequestError, now: float) -> bool:
+        """Count a failed row toward an outage; stop the job once it is one (see the module docstring)."""
+        if exc.http_status == 429 or classify(exc) != "retry":
+            self.down_rows = 0  # the server answered: it is up
+            return False
+        self.down_rows += 1
+        if self.down_rows < self.down_after or now - self.last_ok < self.outage_s:
+            return False
+        self.stop_now(exc, (
+            f"no request has succeeded for {now - self.last_ok:.0f} s and the last {self.down_rows:,} rows "
+            f"failed ({exc.message}): stopping; rows already finished are kept, rerun the same command "
+            "once the server is back (retry.outage_s sets how long to wait)"
+        ))
+        return True
 
     @staticmethod
     async def _attempt(request: Request, client: Client, limiter: Limiter) -> Reply:

@@ -286,6 +286,9 @@ class RetrySpec(_Spec, frozen=True):
     initial_wait_s: NonNegativeFloat = 1.0
     max_wait_s: NonNegativeFloat = 60.0
     row_budget_s: PositiveFloat = 900.0
+    # stop the job (exit 3) when nothing has succeeded for this long and the last
+    # rows (twice the concurrency, 10 at least) all failed in ways that are retried
+    outage_s: PositiveFloat = 300.0
 
 
 class PriceSpec(_Spec, frozen=True):

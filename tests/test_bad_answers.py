@@ -236,3 +236,58 @@ async def test_a_silent_server_is_bounded_by_the_read_timeout(tmp_path: Path, si
     assert summary.rows_failed == len(failed)
     assert all("read timeout" in r["error"] for r in failed)
     assert any(r["status"] == "ok" and r["attempts"] == 2 for r in rows)  # a hang, then an answer
+
+
+class StepClock:
+    """A clock that moves ``step`` seconds each time it is read: an outage of minutes in a few rows."""
+
+    def __init__(self, step: float) -> None:
+        self.now = 0.0
+        self.step = step
+
+    def __call__(self) -> float:
+        self.now += self.step
+        return self.now
+
+
+def flaky(ok_every: int | None) -> Callable[[httpx.Request], httpx.Response]:
+    """Refuses every connection, or answers every ``ok_every``-th request well."""
+    count = 0
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal count
+        count += 1
+        if ok_every and count % ok_every == 0:
+            return httpx.Response(200, json=good_json())
+        raise httpx.ConnectError("connection refused", request=request)
+
+    return handler
+
+
+async def test_a_server_that_stays_down_stops_the_job_after_outage_s(tmp_path: Path) -> None:
+    from batch.errors import JobStopped
+
+    n = 400
+    spec = make_spec(tmp_path, n, stream=False, **{"retry.max_attempts": 1, "retry.outage_s": 60.0})
+    opts = RunOptions(transport=httpx.MockTransport(flaky(None)), sleep=no_sleep, handle_signals=False,
+                      progress=False, clock=StepClock(1.0))
+    with pytest.raises(JobStopped, match=r"no request has succeeded for \d+ s and the last \d+ rows failed"):
+        await run_job(spec, opts)
+    rows = pq.read_table(spec.output_path()).to_pylist()
+    assert 10 <= len(rows) < n  # stopped early; what failed before is written, for the rerun to retry
+    assert {r["status"] for r in rows} == {"failed"}
+    assert opts.summary is not None and opts.summary.stopped is not None
+
+
+@pytest.mark.parametrize(("ok_every", "outage_s"), [(5, 60.0), (None, 1e9)], ids=["some-answers", "long-outage-s"])
+async def test_a_server_that_answers_now_and_then_or_a_long_outage_s_runs_every_row(
+    tmp_path: Path, ok_every: int | None, outage_s: float
+) -> None:
+    n = 400
+    spec = make_spec(tmp_path, n, stream=False, **{"retry.max_attempts": 1, "retry.outage_s": outage_s})
+    opts = RunOptions(transport=httpx.MockTransport(flaky(ok_every)), sleep=no_sleep, handle_signals=False,
+                      progress=False, clock=StepClock(1.0))
+    summary = await run_job(spec, opts)
+    assert summary.stopped is None
+    assert summary.rows_ok + summary.rows_failed == n
+    assert summary.rows_ok == (n // ok_every if ok_every else 0)
