@@ -276,6 +276,20 @@ class _HeaderLimit:
             changed = True
         return changed
 
+    def hold_until(self, now: float, need: float) -> float:
+        """When a request needing ``need`` of the budget may go: its reset when the budget
+        is short, else -inf. A budget past its reset is dropped."""
+        if self.budget is None:
+            return -math.inf
+        if now >= self.reset_at:
+            self.budget = None
+            return -math.inf
+        return self.reset_at if self.budget < need else -math.inf
+
+    def spend(self, amount: float) -> None:
+        if self.budget is not None:
+            self.budget -= amount
+
     def _fresher(self, seq: int | None) -> bool:
         """Whether an answer to request ``seq`` is newer than the one the budget came from."""
         if seq is None:
@@ -406,16 +420,7 @@ class Limiter:
             start = self._next_req
         if self._tok_rate and self._next_tok > start:
             start = self._next_tok
-        if self._hdr_req.budget is not None:
-            if now >= self._hdr_req.reset_at:
-                self._hdr_req.budget = None
-            elif self._hdr_req.budget < 1 and self._hdr_req.reset_at > start:
-                start = self._hdr_req.reset_at
-        if self._hdr_tok.budget is not None:
-            if now >= self._hdr_tok.reset_at:
-                self._hdr_tok.budget = None
-            elif self._hdr_tok.budget < tokens and self._hdr_tok.reset_at > start:
-                start = self._hdr_tok.reset_at
+        start = max(start, self._hdr_req.hold_until(now, 1), self._hdr_tok.hold_until(now, tokens))
         return start - now
 
     def _book(self, tokens: int) -> Reservation:
@@ -441,10 +446,8 @@ class Limiter:
             # after the (now earlier) slot, and that lateness must not be lost.
             self._next_tok = max(self._next_tok, now - _LATE_S - self._tok_credit) + tokens / self._tok_rate
             self._tok_credit = 0.0
-        if self._hdr_req.budget is not None:
-            self._hdr_req.budget -= 1
-        if self._hdr_tok.budget is not None:
-            self._hdr_tok.budget -= tokens
+        self._hdr_req.spend(1)
+        self._hdr_tok.spend(tokens)
         if not (self._req_interval or self._tok_rate):
             self._update_free(now)
         return res

@@ -281,12 +281,13 @@ class _Job:
                     )
                 except RequestError as exc:
                     exc.row_id = request.id
-                    if classify(exc) == "fatal":
+                    outcome = classify(exc)
+                    if outcome == "fatal":
                         self.stop_now(exc)
                         return
                     self.record(self._failure(request, exc, clock() - started))
                     self._tell_first(exc)
-                    if self._outage(exc, clock()):
+                    if self._outage(exc, outcome == "retry" and exc.http_status != 429, clock()):
                         return
                     continue
                 finally:
@@ -295,9 +296,10 @@ class _Job:
                 self.last_ok = clock()
                 self.record(self._success(request, reply, attempts))
 
-    def _outage(self, exc: RequestError, now: float) -> bool:
-        """Count a failed row toward an outage; stop the job once it is one (see the module docstring)."""
-        if exc.http_status == 429 or classify(exc) != "retry":
+    def _outage(self, exc: RequestError, down: bool, now: float) -> bool:
+        """Count a failed row toward an outage (``down``: it failed in a way that is retried,
+        not a 429); stop the job once it is one (see the module docstring)."""
+        if not down:
             self.down_rows = 0  # the server answered: it is up
             return False
         self.down_rows += 1

@@ -612,8 +612,8 @@ class SimApp:
             sim.in_flight -= 1
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send, chat: bool) -> None:
-        arrived = time.monotonic()
         sim = self.sim
+        arrived = sim.clock()
         config = sim.config
         endpoint = "chat" if chat else "completions"
         sim.by_endpoint[endpoint] = sim.by_endpoint.get(endpoint, 0) + 1
@@ -727,7 +727,7 @@ class SimApp:
 
         if config.latency_ms > 0:
             # the latency runs from the request's arrival, not from the end of our own work on it
-            await self.sleep(max(config.latency_ms / 1000 - (time.monotonic() - arrived), 0.0))
+            await self.sleep(max(config.latency_ms / 1000 - (sim.clock() - arrived), 0.0))
         if chat:
             choices: list[dict[str, Any]] = [
                 {"index": i, "message": {"role": "assistant", "content": text},
@@ -888,10 +888,10 @@ def create_app(config: SimConfig | None = None, *, clock: Callable[[], float] = 
 # --- serving ---------------------------------------------------------------------------
 
 
-def _uvicorn_config(app: SimApp, host: str, port: int) -> uvicorn.Config:
+def _uvicorn_server(app: SimApp, host: str, port: int) -> uvicorn.Server:
     import uvicorn
 
-    return uvicorn.Config(
+    return uvicorn.Server(uvicorn.Config(
         app,
         host=host,
         port=port,
@@ -901,7 +901,7 @@ def _uvicorn_config(app: SimApp, host: str, port: int) -> uvicorn.Config:
         access_log=False,
         log_config=None,  # leave the application's logging alone
         timeout_graceful_shutdown=1,
-    )
+    ))
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -1001,10 +1001,7 @@ class SimServer:
             sock.close()
 
     async def _serve(self, sock: socket.socket) -> None:
-        config = _uvicorn_config(self.app, self.host, self.port)
-        import uvicorn
-
-        self._server = uvicorn.Server(config)
+        self._server = _uvicorn_server(self.app, self.host, self.port)
         self._loop = asyncio.get_running_loop()
         await self._server.serve(sockets=[sock])
 
@@ -1030,9 +1027,7 @@ def serve(config: SimConfig | None = None, host: str = "127.0.0.1", port: int = 
     """Serve the simulator until interrupted (``promptmill simulate``)."""
     app = create_app(config)
     logger.info("simulator listening on http://%s:%d/v1", host, port)
-    import uvicorn
-
-    uvicorn.Server(_uvicorn_config(app, host, port)).run()
+    _uvicorn_server(app, host, port).run()
 
 
 # --- command line ----------------------------------------------------------------------

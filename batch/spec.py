@@ -601,10 +601,6 @@ def _check_passthrough(names: tuple[str, ...], located: _Located) -> None:
             raise located.error(f"'{name}' is a column promptmill writes itself; {what}", ("input", "passthrough"))
 
 
-def _strip_slash(base_url: str) -> str:
-    return base_url if base_url == "simulator" else base_url.rstrip("/")
-
-
 def _check_simulator(table: Any, located: _Located) -> None:
     """The ``[simulator]`` table: each setting known, of its type and in range (before anything runs)."""
     from batch.simulator import SimConfig, changed_config
@@ -657,9 +653,7 @@ def load_job(path: str | Path | None, overrides: Mapping[str, Any] | None = None
         _set_dotted(data, key, value)
     request = data.get("request")
     if isinstance(request, dict):
-        for name in sorted(_RESERVED_BODY_FIELDS.intersection(request)):
-            raise located.error(f"'{name}' is set by promptmill, not by the job", ("request", name))
-        # any key RequestSpec does not name goes into the body as it is
+        # any key RequestSpec does not name goes into the body as it is (RequestSpec refuses the reserved ones)
         known = {f.encode_name for f in msgspec.structs.fields(RequestSpec)}
         unknown = {k: v for k, v in request.items() if k not in known}
         if unknown:
@@ -687,7 +681,7 @@ def load_job(path: str | Path | None, overrides: Mapping[str, Any] | None = None
             field, message = problem
             raise located.error(message, (name, field))
     spec = msgspec.structs.replace(spec, pricing=prices, source=source,
-                                   api=msgspec.structs.replace(spec.api, base_url=_strip_slash(spec.api.base_url)))
+                                   api=msgspec.structs.replace(spec.api, base_url=spec.api.base_url.rstrip("/")))
 
     if spec.input.passthrough:
         _check_passthrough(spec.input.passthrough, located)

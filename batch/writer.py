@@ -373,17 +373,23 @@ def _id_hashes(sources: list[Path]) -> tuple[array[int], list[int]]:
     offsets = [0]
     for path in sources:
         try:
-            if _is_part_ipc(path):
-                id_lists: Iterator[list[Any]] = iter([_read_ipc(path).column("id").to_pylist()])
-            else:
-                batches = pq.ParquetFile(path).iter_batches(batch_size=65536, columns=["id"], use_threads=False)
-                id_lists = (batch.column(0).to_pylist() for batch in batches)
-            for ids in id_lists:
-                hashes.extend(map(hash, ids))
+            for batch in _source_batches(path, ["id"]):
+                hashes.extend(map(hash, batch.column(0).to_pylist()))
         except (OSError, pa.ArrowException) as exc:
             raise OutputError(f"cannot read earlier progress ({exc}); rerun with --fresh to start over", path=path) from None
         offsets.append(len(hashes))
     return hashes, offsets
+
+
+def _source_batches(path: Path, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
+    """The record batches of a part (Arrow IPC, or Parquet from earlier versions) or of an output."""
+    if _is_part_ipc(path):
+        table = _read_ipc(path)
+        return iter((table.select(columns) if columns else table).to_batches())
+    batches: Iterator[pa.RecordBatch] = pq.ParquetFile(path).iter_batches(
+        batch_size=65536, columns=columns, use_threads=False
+    )
+    return batches
 
 
 def _winners(all_rows: pa.Table) -> pa.Array:
@@ -471,11 +477,7 @@ def _sorted_keys(keys: array[int]) -> array[int]:
 
 
 def _iter_source_batches(path: Path, schema: pa.Schema) -> Iterator[pa.RecordBatch]:
-    if _is_part_ipc(path):
-        batches: Iterator[pa.RecordBatch] = iter(_read_ipc(path).to_batches())
-    else:
-        batches = pq.ParquetFile(path).iter_batches(batch_size=65536, use_threads=False)
-    for batch in batches:
+    for batch in _source_batches(path):
         table = pa.Table.from_batches([batch])
         if table.schema.remove_metadata() != schema.remove_metadata():
             table = _conform(table, schema, path)

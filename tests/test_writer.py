@@ -31,6 +31,14 @@ def result(i: int, status: str = "ok", fp: str = "fp1", **kw: object) -> Result:
     return Result(**fields)  # type: ignore[arg-type]
 
 
+def one_part(output: Path, schema: pa.Schema, *results: Result) -> None:
+    """``results`` written as one part of run 1, as a run leaves them."""
+    w = out.PartWriter(output, schema, run=1)
+    for r in results:
+        w.add(r)
+    w.flush()
+
+
 def test_schema_has_every_column_in_order() -> None:
     schema = out.output_schema(PASS)
     assert schema.names == [
@@ -85,10 +93,7 @@ def test_newest_row_of_an_id_wins_across_runs(tmp_path: Path) -> None:
 def test_resume_index_skips_ok_rows_with_the_same_request_only(tmp_path: Path) -> None:
     output = tmp_path / "res.parquet"
     schema = out.output_schema(PASS)
-    w = out.PartWriter(output, schema, run=1)
-    w.add(result(0, fp="a"))
-    w.add(result(1, status="failed", fp="a"))
-    w.flush()
+    one_part(output, schema, result(0, fp="a"), result(1, status="failed", fp="a"))
     index = out.load_index(output)
     assert ("r0", "a") in index
     assert ("r0", "b") not in index  # the request changed: redo
@@ -150,9 +155,7 @@ def test_job_identity_round_trips_through_parts_and_output_metadata(tmp_path: Pa
     import json
 
     schema = out.output_schema(PASS, {out.METADATA_KEY: json.dumps({"identity": ident}).encode()})
-    w = out.PartWriter(output, schema, run=1)
-    w.add(result(0))
-    w.flush()
+    one_part(output, schema, result(0))
     out.assemble(output, schema)
     out.remove_parts_dir(output)
     assert out.read_job_identity(output) == ident
@@ -161,9 +164,7 @@ def test_job_identity_round_trips_through_parts_and_output_metadata(tmp_path: Pa
 def test_fresh_discards_parts_and_output(tmp_path: Path) -> None:
     output = tmp_path / "res.parquet"
     schema = out.output_schema(PASS)
-    w = out.PartWriter(output, schema, run=1)
-    w.add(result(0))
-    w.flush()
+    one_part(output, schema, result(0))
     out.assemble(output, schema)
     out.discard_progress(output)
     assert not output.exists()
@@ -187,9 +188,7 @@ def test_assembly_gathers_small_parts_into_large_row_groups(tmp_path: Path) -> N
 def test_parquet_parts_of_an_earlier_version_are_still_resumed_and_assembled(tmp_path: Path) -> None:
     output = tmp_path / "res.parquet"
     schema = out.output_schema(PASS)
-    w = out.PartWriter(output, schema, run=1)
-    w.add(result(0))
-    w.flush()
+    one_part(output, schema, result(0))
     older = out.PartWriter(output, schema, run=2)
     older.add(result(1))
     pq.write_table(older.take(), out.parts_dir(output) / "run-0002-part-000001.parquet")
