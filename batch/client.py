@@ -40,26 +40,18 @@ from httpx_sse import EventSource, SSEError
 
 from batch import __version__
 from batch.errors import APIConnectionError, APIStatusError, RequestError, ResponseError
+from batch.network import CertificateError, Transport, proxy_for
 from batch.records import Completion, Usage
-from batch.transport import FastTransport, default_transport, headers_mapping, response_of
 
 _log = logging.getLogger(__name__)
 
-__all__ = ["Client", "Reply", "StreamAssembler", "Timeouts", "parse_completion"]
+__all__ = ["CERTIFICATE_ERROR", "Client", "Reply", "StreamAssembler", "Timeouts", "parse_completion"]
 
+CERTIFICATE_ERROR: Final = "certificate_verify_failed"  # the code of a TLS failure: the job stops
 _PATHS: Final = {"chat": "/chat/completions", "completions": "/completions"}
 _MESSAGE_CHARS: Final = 300  # the server's message is cut to this in our errors
 _SNIPPET_CHARS: Final = 80  # how much of an unusable 2xx body an error quotes
 _ERROR_BODY_BYTES: Final = 64 * 1024  # enough of an error body to find its message
-
-try:  # what httpx.AsyncClient asks for: every encoding this httpx can decode
-    from httpx._decoders import SUPPORTED_DECODERS
-
-    _ENCODINGS: tuple[str, ...] = tuple(name for name in SUPPORTED_DECODERS if name != "identity")
-except ImportError:  # pragma: no cover - httpx moved it; gzip and deflate it always decodes
-    _ENCODINGS = ("gzip", "deflate")
-_ACCEPT_ENCODING: Final = ", ".join(_ENCODINGS).encode("ascii")
-
 
 @dataclass(frozen=True, slots=True)
 class Timeouts:
@@ -420,10 +412,11 @@ def _error_text(body: bytes) -> tuple[str | None, str | None]:
 
 
 class _CappedResponse:
-    """What ``EventSource`` reads of a response, with the text it yields capped.
+    """What ``EventSource`` reads of a response, with the decoded bytes it yields capped.
 
     An SSE line is buffered until its newline, so a server streaming without one
-    would otherwise grow memory without bound before any event reaches us.
+    would otherwise grow memory without bound before any event reaches us; a
+    compressed stream is counted after it is inflated.
     """
 
     __slots__ = ("_limit", "_response", "headers")
@@ -434,22 +427,8 @@ class _CappedResponse:
         self.headers = response.headers
 
     async def aiter_text(self) -> AsyncIterator[str]:
-        seen = 0
-        async for text in self._texts():
-            seen += len(text)
-            if seen > self._limit:
-                raise ResponseError(f"response stream is larger than {self._limit} bytes")
-            yield text
-
-    async def _texts(self) -> AsyncIterator[str]:
-        response = self._response
-        if "content-encoding" in response.headers:
-            async for text in response.aiter_text():
-                yield text
-            return
-        # What aiter_text does for an unencoded body, without its per-chunk machinery.
-        decoder = codecs.getincrementaldecoder(response.encoding or "utf-8")(errors="replace")
-        async for chunk in _body_chunks(response):
+        decoder = codecs.getincrementaldecoder(self._response.encoding or "utf-8")(errors="replace")
+        async for chunk in _decoded_chunks(self._response, self._limit, "response stream"):
             text = decoder.decode(chunk)
             if text:
                 yield text
@@ -491,13 +470,10 @@ class Client:
         self._clock = clock
         self._max_body = max_body_bytes
         self._url = httpx.URL(base_url.rstrip("/") + _PATHS[endpoint])
-        # The headers httpx.AsyncClient would send, built once: every request differs only
-        # in its Content-Length. No cookie jar: an API batch has no use for cookies.
+        # Built once: every request differs only in its Content-Length. Host, Accept-Encoding
+        # (what aiohttp can inflate) and keep-alive are the engine's to set.
         headers = [
-            (b"Host", self._url.netloc),
             (b"Accept", b"text/event-stream" if stream else b"application/json"),
-            (b"Accept-Encoding", _ACCEPT_ENCODING),
-            (b"Connection", b"keep-alive"),
             (b"User-Agent", f"promptmill/{__version__}".encode("ascii")),
             (b"Content-Type", b"application/json"),
         ]
@@ -507,19 +483,11 @@ class Client:
         self._extensions: Final = {
             "timeout": {"connect": timeouts.connect, "read": timeouts.read, "write": timeouts.write, "pool": None}
         }
-        # An injected transport is the whole network: no proxies from the environment.
-        self._transport: Final = (
-            transport if transport is not None else default_transport(self._url, concurrency, trust_env=True)
-        )
-        # With our own transport, the request is bytes built here and no httpx objects are
-        # made for a 2xx JSON answer; anything else goes through the httpx.Response path.
-        url = self._url
-        self._fast_key = (url.scheme, url.host, url.port or (443 if url.scheme == "https" else 80))
-        self._fast_head = b"".join(
-            [b"POST %s HTTP/1.1\r\n" % url.raw_path, *(b"%s: %s\r\n" % pair for pair in headers), b"Content-Length: "]
-        )
-        self._connect_s = timeouts.connect
-        self._read_s = timeouts.read
+        # An injected transport is the whole network; else one aiohttp session through
+        # httpx-aiohttp, with the proxy the environment names (never for a loopback host).
+        if transport is None:
+            transport = Transport(limit=concurrency, proxy=proxy_for(self._url))
+        self._transport: Final = transport
         self._timeout_messages: dict[type[httpx.TimeoutException], str] = {
             httpx.ConnectTimeout: f"connect timed out after {timeouts.connect:g}s",
             httpx.ReadTimeout: f"no data from the server for {timeouts.read:g}s (read timeout)",
@@ -571,6 +539,12 @@ class Client:
         except httpx.TimeoutException as exc:
             message = self._timeout_messages.get(type(exc)) or f"timed out: {exc}"
             raise self._redact(APIConnectionError(message)) from exc
+        except CertificateError as exc:
+            raise self._redact(APIConnectionError(
+                f"the TLS certificate of {self._url.host} did not verify ({_clip(str(exc), 160)}); "
+                "if the server uses a private CA, point SSL_CERT_FILE at its certificate",
+                code=CERTIFICATE_ERROR,
+            )) from exc
         except httpx.TransportError as exc:
             raise self._redact(APIConnectionError(_transport_message(exc))) from exc
         except OSError as exc:
@@ -582,49 +556,18 @@ class Client:
             raise self._redact(exc) from None
 
     async def _send(self, content: bytes, started: float) -> Reply:
-        transport = self._transport
-        if type(transport) is FastTransport:
-            conn = await transport.post(
-                self._fast_key, b"%s%d\r\n\r\n%s" % (self._fast_head, len(content), content),
-                self._connect_s, self._read_s,
-            )
-            headers = headers_mapping(conn.raw_headers)
-            status = conn.status
-            if (
-                200 <= status < 300
-                and "content-encoding" not in headers
-                and (not self._stream or "json" in headers.get("content-type", ""))
-            ):
-                try:
-                    length = headers.get("content-length")
-                    if length is not None and length.isdigit() and int(length) > self._max_body:
-                        raise ResponseError(f"response body is {length} bytes, over the {self._max_body}-byte limit")
-                    body = await conn.read_body(self._max_body)
-                finally:
-                    conn.release()
-                if body is None:
-                    raise ResponseError(f"response body is larger than {self._max_body} bytes")
-                if _log.isEnabledFor(logging.DEBUG):
-                    _log.debug("POST %s: HTTP %d after %.3f s", self._url, status, self._clock() - started)
-                return Reply(parse_completion(body, self._endpoint), status, headers, self._clock() - started)
-            return await self._answer(response_of(conn), None, started)
-        # What httpx.AsyncClient.stream() does for us, minus its per-request overhead
-        # (header merging, auth and redirect flows, cookie extraction): straight to the transport.
+        # What httpx.AsyncClient.stream() does, minus its per-request work (header merging,
+        # auth and redirect flows, cookies): straight to the transport, which never redirects.
         request = httpx.Request(
             "POST",
             self._url,
             headers=httpx.Headers([*self._headers, (b"Content-Length", b"%d" % len(content))]),
-            stream=httpx.ByteStream(content),
+            content=content,
             extensions=self._extensions,
         )
-        request.read()  # the body is in memory; lets transports use request.content
         response = await self._transport.handle_async_request(request)
-        return await self._answer(response, request, started)
-
-    async def _answer(self, response: httpx.Response, request: httpx.Request | None, started: float) -> Reply:
         try:
-            if request is not None:
-                response.request = request
+            response.request = request
             status = response.status_code
             if _log.isEnabledFor(logging.DEBUG):
                 # the URL and status only: headers carry the key
@@ -641,17 +584,7 @@ class Client:
         return Reply(completion, status, response.headers, self._clock() - started)
 
     async def _read_body(self, response: httpx.Response) -> bytes:
-        limit = self._max_body
-        length = response.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > limit:
-            raise ResponseError(f"response body is {length} bytes, over the {limit}-byte limit")
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in _body_chunks(response):
-            size += len(chunk)
-            if size > limit:
-                raise ResponseError(f"response body is larger than {limit} bytes")
-            chunks.append(chunk)
+        chunks = [chunk async for chunk in _decoded_chunks(response, self._max_body, "response body")]
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     async def _read_stream(self, response: httpx.Response, started: float) -> Completion:
@@ -684,6 +617,16 @@ class Client:
             code = code and code.replace(self._api_key, "[redacted]")
             message = message and message.replace(self._api_key, "[redacted]")
         status = response.status_code
+        if 300 <= status < 400:
+            # Never followed: the key would go to wherever the server points.
+            location = response.headers.get("location", "")
+            if self._api_key is not None:
+                location = location.replace(self._api_key, "[redacted]")
+            return APIStatusError(
+                f"HTTP {status}: redirect to {_clip(location, 120) or '(no location)'} not followed; "
+                "check api.base_url (its scheme, host and version prefix)",
+                http_status=status, headers=response.headers,
+            )
         text = f"HTTP {status}"
         if code:
             text += f" ({_clip(code, 60)})"
@@ -714,12 +657,27 @@ def _on_asyncio() -> bool:
     return True
 
 
-def _body_chunks(response: httpx.Response) -> AsyncIterator[bytes]:
-    """The decoded body; without a Content-Encoding that is the raw stream, read without
-    httpx's decoder, chunker and context managers around every chunk."""
-    if "content-encoding" in response.headers:
-        return response.aiter_bytes()
-    return aiter(cast(httpx.AsyncByteStream, response.stream))
+async def _decoded_chunks(response: httpx.Response, limit: int, what: str) -> AsyncIterator[bytes]:
+    """The body as it arrives, decoded, failing as soon as it passes ``limit`` bytes.
+
+    Over the network stack the engine has inflated each chunk already (a bounded step
+    at a time) and no Content-Encoding is left; a transport that leaves the body
+    encoded (a test's MockTransport) gets httpx's decoder.
+    """
+    length = response.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit and "content-encoding" not in response.headers:
+        raise ResponseError(f"{what} is {length} bytes, over the {limit}-byte limit")
+    chunks = (
+        response.aiter_bytes()
+        if "content-encoding" in response.headers
+        else aiter(cast(httpx.AsyncByteStream, response.stream))
+    )
+    size = 0
+    async for chunk in chunks:
+        size += len(chunk)
+        if size > limit:
+            raise ResponseError(f"{what} is larger than {limit} bytes (after decompression)")
+        yield chunk
 
 
 def _transport_message(exc: httpx.TransportError) -> str:
@@ -727,5 +685,7 @@ def _transport_message(exc: httpx.TransportError) -> str:
     if isinstance(exc, httpx.ConnectError):
         return _clip(f"could not connect: {detail}")
     if isinstance(exc, httpx.RemoteProtocolError):
+        if detail.startswith("malformed response"):
+            return _clip(detail)
         return _clip(f"connection closed by the server: {detail}")
     return _clip(f"{type(exc).__name__}: {detail}")

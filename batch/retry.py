@@ -71,7 +71,10 @@ def classify(exc: BaseException) -> Outcome:
     Anything that is not a :class:`RequestError` is a bug, not a server answer,
     and is ``"fatal"``.
     """
-    if isinstance(exc, APIConnectionError | ResponseError):
+    if isinstance(exc, APIConnectionError):
+        # A certificate that does not verify fails every request to that server the same way.
+        return "fatal" if exc.code == "certificate_verify_failed" else "retry"
+    if isinstance(exc, ResponseError):
         return "retry"
     if not isinstance(exc, RequestError):
         return "fatal"

@@ -507,6 +507,7 @@ async def _run(job: _Job, reader: InputReader, builder: RequestBuilder, api_key:
     async with _endpoint(spec) as base_url, Client(
         base_url, endpoint=spec.api.endpoint, stream=spec.api.stream, api_key=api_key,
         concurrency=concurrency, timeouts=timeouts, transport=opts.transport,
+        max_body_bytes=int(spec.api.max_response_mb * 2**20),
     ) as client, anyio.create_task_group() as outer:
         outer.start_soon(job.flush_forever)
         if opts.handle_signals:

@@ -210,6 +210,7 @@ class ApiSpec(_Spec, frozen=True):
     read_timeout_s: PositiveFloat = 120.0
     write_timeout_s: PositiveFloat = 30.0
     request_timeout_s: PositiveFloat = 600.0
+    max_response_mb: PositiveFloat = 32.0  # an answer's body (JSON or stream), counted after decompression
 
     @property
     def is_simulator(self) -> bool:

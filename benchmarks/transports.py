@@ -1,13 +1,14 @@
-"""Client CPU per request and requests/s of ``Client.complete`` over each transport.
+"""Client CPU per request and requests/s of ``Client.complete`` over each well-kept HTTP stack.
 
     python benchmarks/transports.py                 # the whole table (a few minutes)
     python benchmarks/transports.py --quick         # concurrency 256 only
 
 The simulator runs as its own process pinned to CPU 0, the client in a process
 pinned to CPU 1, so the client's CPU time (``time.process_time``) is its own.
-Options: ``httpx`` (httpx's own pool), ``httpx-aiohttp`` (httpx_aiohttp.AiohttpTransport),
-``lean`` (batch.transport.AiohttpTransport), ``fast`` (batch.transport.FastTransport), ``default`` (Client with no transport),
-and ``aiohttp`` (bare aiohttp.ClientSession posts with orjson, no Client: the floor).
+Options: ``httpx`` (httpx's own pool), ``httpx-aiohttp`` (httpx_aiohttp.AiohttpTransport as
+shipped), ``default`` (Client with no transport: promptmill's stack, batch.network.Transport,
+httpx-aiohttp with aiohttp's limits and decoding), and ``aiohttp`` (bare aiohttp.ClientSession
+posts with orjson, no Client: the floor).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import time
 from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OPTIONS = ("httpx", "httpx-aiohttp", "lean", "fast", "aiohttp", "default")
+OPTIONS = ("httpx", "httpx-aiohttp", "aiohttp", "default")
 
 
 def _body(i: int) -> dict[str, Any]:
@@ -41,14 +42,6 @@ def _transport(option: str, concurrency: int) -> Any:
         from httpx_aiohttp import AiohttpTransport
 
         return AiohttpTransport(limits=limits)
-    if option == "lean":
-        from batch.transport import AiohttpTransport as Lean
-
-        return Lean(limit=concurrency)
-    if option == "fast":
-        from batch.transport import FastTransport
-
-        return FastTransport(limit=concurrency)
     return None
 
 
@@ -160,8 +153,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int)
-    parser.add_argument("--option", choices=OPTIONS, default="lean")
-    parser.add_argument("--options", default="lean,fast,aiohttp", help="comma-separated options to measure")
+    parser.add_argument("--option", choices=OPTIONS, default="default")
+    parser.add_argument("--options", default=",".join(OPTIONS), help="comma-separated options to measure")
     parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
     parser.add_argument("--stream", action="store_true")
     parser.add_argument("--concurrency", type=int, default=256)
