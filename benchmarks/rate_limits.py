@@ -110,9 +110,9 @@ class Recorder(httpx.AsyncBaseTransport):
     """Passes requests to the network and notes when each answer came and its status."""
 
     def __init__(self, limit: int) -> None:
-        self._inner = httpx.AsyncHTTPTransport(
-            limits=httpx.Limits(max_connections=limit, max_keepalive_connections=limit)
-        )
+        from batch.network import Transport
+
+        self._inner = Transport(limit=limit)  # the stack a job uses
         self.first_sent: float | None = None
         self.answers: list[tuple[float, int]] = []
 
