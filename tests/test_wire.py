@@ -7,6 +7,7 @@ job shows what lands in the output file and the logs.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -341,3 +342,39 @@ async def test_a_row_failed_by_litellm_429s_says_http_429_once(
     logged = [r.getMessage() for r in caplog.records if r.name.startswith("batch")]
     assert any("HTTP 429: litellm.RateLimitError" in line for line in logged)
     assert not any("429 429" in line or "429 (429)" in line for line in logged)
+
+
+# -- rows without usage, through a whole job ----------------------------------------------
+
+
+async def test_rows_without_usage_are_counted_and_their_cost_unknown(tmp_path: Path) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        # rows 0 and 1 come from a server that sends usage, the others from TGI
+        with_usage = b"fact number 0 " in request.content or b"fact number 1 " in request.content
+        body = DEEPSEEK_LAST_CHUNK if with_usage else None
+        stream = TGI_STREAM if body is None else b"data: " + body + b"\n\ndata: [DONE]\n\n"
+        return httpx.Response(200, content=stream, headers={"content-type": "text/event-stream"})
+
+    spec = job(tmp_path, 5, stream=True, **{"pricing.m.input": 1.0, "pricing.m.output": 2.0})
+    opts = RunOptions(transport=httpx.MockTransport(handler), sleep=no_sleep, handle_signals=False, progress=False)
+    summary = await run_job(spec, opts)
+    rows = pq.read_table(spec.output_path()).to_pylist()
+    assert sum(r["prompt_tokens"] is None for r in rows) == 3
+    saved = json.loads(spec.output_path().with_name("out.parquet.summary.json").read_text())
+    assert saved["totals"]["rows_without_usage"] == 3
+    assert saved["totals"]["prompt_tokens"] == 2 * 1200
+    assert saved["totals"]["cost_usd"] == pytest.approx(2 * (1200 * 1.0 + 10 * 2.0) / 1e6)
+    assert "+ 3 rows of unknown cost (3 rows without usage)" in summary.render()
+
+
+async def test_a_job_with_no_usage_is_not_a_free_job(tmp_path: Path) -> None:
+    spec = job(tmp_path, 3, stream=True, **{"pricing.m.input": 1.0, "pricing.m.output": 2.0})
+    opts = RunOptions(transport=httpx.MockTransport(answer(TGI_STREAM, stream=True)), sleep=no_sleep,
+                      handle_signals=False, progress=False)
+    summary = await run_job(spec, opts)
+    saved = json.loads(spec.output_path().with_name("out.parquet.summary.json").read_text())
+    assert saved["totals"]["cost_usd"] is None and saved["totals"]["prompt_tokens"] is None
+    assert saved["totals"]["rows_without_usage"] == 3
+    text = summary.render()
+    assert "cost      unknown (3 rows without usage)  m" in text
+    assert "$0.0" not in text
