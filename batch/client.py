@@ -111,13 +111,26 @@ def _parse_usage(raw: object) -> Usage | None:
     prompt = _token_count(raw.get("prompt_tokens"), "prompt_tokens")
     completion = _token_count(raw.get("completion_tokens"), "completion_tokens")
     total = raw.get("total_tokens")
+    cached = _detail_count(raw.get("prompt_tokens_details"), "cached_tokens")
+    if cached is None:
+        cached = _detail_count(raw, "prompt_cache_hit_tokens")  # DeepSeek's name for cached input
     return Usage(
         prompt_tokens=prompt,
         completion_tokens=completion,
         total_tokens=prompt + completion if total is None else _token_count(total, "total_tokens"),
-        cached_tokens=_detail_count(raw.get("prompt_tokens_details"), "cached_tokens"),
+        cached_tokens=cached,
         reasoning_tokens=_detail_count(raw.get("completion_tokens_details"), "reasoning_tokens"),
     )
+
+
+def _usage_of(payload: dict[str, Any]) -> object:
+    """The raw usage of an answer or chunk: ``usage``, or Groq's ``x_groq.usage`` (its streams' last chunk)."""
+    usage = payload.get("usage")
+    if usage is None:
+        extra = payload.get("x_groq")
+        if isinstance(extra, dict):
+            return extra.get("usage")
+    return usage
 
 
 # ISO 8601 ("2021-01-01T00:00:00Z") and Go's time.String() ("2021-01-01 00:00:00 +0000 UTC",
@@ -187,14 +200,19 @@ def _content_text(content: object, where: str) -> str:
     raise ResponseError(f"{where} is not a string: {_clip(repr(content), _SNIPPET_CHARS)}")
 
 
-def _choice_text(choice: dict[str, Any], chat: bool) -> str:
-    # Chat answers carry message.content and completions answers carry text; a server
-    # answering in the other shape is still understood.
+def _choice_text(choice: dict[str, Any], chat: bool) -> tuple[str | None, str | None]:
+    """(text, refusal). Chat answers carry message.content and completions answers carry
+    text; a server answering in the other shape is still understood."""
     message = choice.get("message")
     if isinstance(message, dict) and (chat or "text" not in choice):
-        return _content_text(message.get("content"), "choices[0].message.content")
+        content = message.get("content")
+        refusal = message.get("refusal")
+        if isinstance(refusal, str) and refusal:
+            # A refusal (OpenAI) comes with a null content: no text, which is not an empty one.
+            return (None if content is None else _content_text(content, "choices[0].message.content")), refusal
+        return _content_text(content, "choices[0].message.content"), None
     if "text" in choice:
-        return _content_text(choice["text"], "choices[0].text")
+        return _content_text(choice["text"], "choices[0].text"), None
     if chat:
         raise ResponseError("choices[0] has no message object")
     raise ResponseError("choices[0] has no text")
@@ -258,14 +276,16 @@ def parse_completion(data: bytes, endpoint: str) -> Completion:
     choice = choices[0]
     if not isinstance(choice, dict):
         raise ResponseError("choices[0] is not an object")
+    text, refusal = _choice_text(choice, endpoint == "chat")
     return Completion(
-        text=_choice_text(choice, endpoint == "chat"),
-        finish_reason=_str_or_none(choice.get("finish_reason")),
+        text=text,
+        finish_reason=_str_or_none(choice.get("finish_reason")) or None,
         response_id=_str_or_none(payload.get("id")),
         model=_str_or_none(payload.get("model")),
         created=parse_created(payload.get("created")),
         system_fingerprint=_str_or_none(payload.get("system_fingerprint")),
-        usage=_parse_usage(payload.get("usage")),
+        usage=_parse_usage(_usage_of(payload)),
+        refusal=refusal,
     )
 
 
@@ -288,6 +308,7 @@ class StreamAssembler:
         "_id",
         "_model",
         "_parts",
+        "_refusals",
         "_started",
         "_ttft",
         "_usage",
@@ -300,6 +321,7 @@ class StreamAssembler:
         self._clock = clock
         self._started = started
         self._parts: list[str] = []
+        self._refusals: list[str] = []
         self._chunks = 0
         self._done = False
         self._finish_reason: str | None = None
@@ -353,7 +375,7 @@ class StreamAssembler:
                     self._finish_reason = reason
         elif choices is not None and not isinstance(choices, list):
             raise ResponseError("stream event choices is not a list")
-        usage = chunk.get("usage")
+        usage = _usage_of(chunk)
         if usage is not None:
             self._usage = usage
         if self._id is None:
@@ -369,6 +391,9 @@ class StreamAssembler:
     def _piece(self, choice: dict[str, Any]) -> str:
         delta = choice.get("delta")
         if isinstance(delta, dict) and (self._chat or "text" not in choice):
+            refusal = delta.get("refusal")
+            if isinstance(refusal, str) and refusal:
+                self._refusals.append(refusal)
             return _content_text(delta.get("content"), "delta.content")
         if "text" in choice:
             return _content_text(choice["text"], "choices[].text")
@@ -378,12 +403,15 @@ class StreamAssembler:
 
     def finish(self) -> Completion:
         """The assembled answer; ``ResponseError`` if the stream ended before it was complete."""
-        if self._finish_reason is None and self._usage is None:
+        # [DONE] after some text ends a stream normally even with neither (TGI sends
+        # finish_reason "" on every chunk and no usage).
+        if self._finish_reason is None and self._usage is None and not (self._done and self._parts):
             if self._chunks == 0:
                 raise ResponseError("stream ended without any answer")
             raise ResponseError("stream was cut off before its finish_reason or usage")
+        refusal = "".join(self._refusals) or None
         return Completion(
-            text="".join(self._parts),
+            text=None if refusal is not None and not self._parts else "".join(self._parts),
             finish_reason=self._finish_reason,
             response_id=self._id,
             model=self._model,
@@ -391,6 +419,7 @@ class StreamAssembler:
             system_fingerprint=self._fingerprint,
             usage=_parse_usage(self._usage),
             ttft_s=self._ttft,
+            refusal=refusal,
         )
 
 
@@ -628,11 +657,12 @@ class Client:
                 http_status=status, headers=response.headers,
             )
         text = f"HTTP {status}"
-        if code:
-            text += f" ({_clip(code, 60)})"
+        shown = code if code != str(status) else None  # a gateway's code can be the status (LiteLLM's "429")
+        if shown:
+            text += f" ({_clip(shown, 60)})"
         if message:
             text += f": {_clip(message)}"
-        elif not code:
+        elif not shown:
             text += f" {response.reason_phrase}".rstrip()
         return APIStatusError(text, http_status=status, code=code, headers=response.headers)
 

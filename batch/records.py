@@ -29,7 +29,7 @@ class Usage(msgspec.Struct, frozen=True, gc=False):
 class Completion(msgspec.Struct, frozen=True, gc=False):
     """A parsed successful answer (non-streamed body or an assembled stream)."""
 
-    text: str
+    text: str | None  # None when the model refused (then ``refusal`` holds why)
     finish_reason: str | None
     response_id: str | None
     model: str | None
@@ -37,6 +37,7 @@ class Completion(msgspec.Struct, frozen=True, gc=False):
     system_fingerprint: str | None
     usage: Usage | None
     ttft_s: float | None = None
+    refusal: str | None = None
 
 
 class Row(msgspec.Struct, frozen=True, gc=False):
@@ -77,6 +78,7 @@ class Result(msgspec.Struct, frozen=True, gc=False):
     endpoint: str
     status: str  # "ok" or "failed"
     text: str | None = None
+    refusal: str | None = None
     finish_reason: str | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None

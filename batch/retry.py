@@ -12,7 +12,8 @@
 (``sleep`` and the clock are injected). It waits exponentially with jitter,
 ``initial_wait_s * 2**(n-1)`` capped at ``max_wait_s``, drawn uniformly from the
 upper half of that span so that rows failing together do not retry together.
-A ``Retry-After`` (or ``retry-after-ms``) header wins over the backoff. It stops
+A ``Retry-After`` (or ``retry-after-ms``, or either under a gateway's prefix,
+as LiteLLM's ``llm_provider-retry-after``) header wins over the backoff. It stops
 after ``max_attempts`` or when the next wait would take the row past
 ``row_budget_s``, whichever comes first, and raises the last error with
 ``attempts`` and ``row_id`` set. Each retry is logged once, at WARNING, with the
@@ -90,22 +91,33 @@ def classify(exc: BaseException) -> Outcome:
     return "fail"
 
 
+# Where gateways put the provider's Retry-After: LiteLLM forwards it as llm_provider-retry-after.
+_RETRY_AFTER_PREFIXES: tuple[str, ...] = ("", "llm_provider-")
+
+
 def retry_after(
     headers: Mapping[str, str], now: Callable[[], float] = time.time
 ) -> float | None:
     """Seconds the server asks to wait: ``retry-after-ms``, or ``Retry-After`` in
-    seconds or as an HTTP date (compared with ``now()``, a wall clock). ``None``
-    when absent or unparseable; never negative.
+    seconds or as an HTTP date (compared with ``now()``, a wall clock), also under
+    a gateway's prefix (LiteLLM's ``llm_provider-retry-after``). ``None`` when
+    absent or unparseable; never negative.
     """
-    value = headers.get("retry-after-ms")
-    if value is not None:
+    for prefix in _RETRY_AFTER_PREFIXES:
+        wait = _retry_after(headers.get(prefix + "retry-after-ms"), headers.get(prefix + "retry-after"), now)
+        if wait is not None:
+            return wait
+    return None
+
+
+def _retry_after(ms_value: str | None, value: str | None, now: Callable[[], float]) -> float | None:
+    if ms_value is not None:
         try:
-            ms = float(value)
+            ms = float(ms_value)
         except ValueError:
             ms = math.nan
         if math.isfinite(ms):
             return max(0.0, ms / 1000.0)
-    value = headers.get("retry-after")
     if value is None:
         return None
     value = value.strip()
@@ -177,7 +189,10 @@ class _StopAtBudget(stop_base):
 
 def _cause(exc: BaseException) -> str:
     if isinstance(exc, RequestError) and exc.http_status is not None:
-        return f"HTTP {exc.http_status} {exc.code}" if exc.code else f"HTTP {exc.http_status}"
+        # a gateway's code can be the status again (LiteLLM: "code": "429"): said once
+        if exc.code and exc.code != str(exc.http_status):
+            return f"HTTP {exc.http_status} {exc.code}"
+        return f"HTTP {exc.http_status}"
     return type(exc).__name__
 
 

@@ -342,7 +342,7 @@ class _Job:
         return Result(
             index=request.index, id=request.id, passthrough=request.passthrough,
             fingerprint=request.fingerprint, model=self.model, endpoint=self.endpoint, status="ok",
-            text=c.text, finish_reason=c.finish_reason,
+            text=c.text, refusal=c.refusal, finish_reason=c.finish_reason,
             prompt_tokens=u.prompt_tokens if u else None,
             completion_tokens=u.completion_tokens if u else None,
             total_tokens=u.total_tokens if u else None,

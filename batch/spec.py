@@ -52,11 +52,12 @@ from __future__ import annotations
 import ipaddress
 import logging
 import math
+import os
 import re
 import string
 import tomllib
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, time
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import urlsplit
@@ -117,6 +118,39 @@ def template_fields(template: str) -> tuple[str, ...]:
             raise ValueError(f"field {{{name}}} must be a plain column name")
         names[name] = None
     return tuple(names)
+
+
+_SHOWN_CHARS = 60  # a bad value is quoted up to this long
+# a value that is one token as long as an API key (sk-..., a hex or base64 secret)
+_TOKEN_LIKE = re.compile(r"\s*(?=[^\s]*\d)[A-Za-z0-9_\-]{20,}\s*")
+_NOT_SHOWN = "the value (not quoted: it may be a key)"
+
+
+def _may_be_secret(text: str) -> bool:
+    """A key pasted in the wrong place: token-shaped, a bearer header, or holding the value
+    of an environment variable named like a key (ATOMA_API_KEY, OPENAI_API_KEY, ...)."""
+    if _TOKEN_LIKE.fullmatch(text) or text.lstrip().lower().startswith("bearer "):
+        return True
+    return any(len(secret) >= 8 and secret in text
+               for name, secret in os.environ.items() if _looks_secret(name))
+
+
+def _shown(value: Any) -> str | None:
+    """A bad value as an error quotes it (clipped), or None for one that may be a secret."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, date | time):
+        return value.isoformat()
+    text = repr(value)
+    if _may_be_secret(value if isinstance(value, str) else text):
+        return None
+    return text if len(text) <= _SHOWN_CHARS else text[: _SHOWN_CHARS - 1] + "…"
+
+
+def _with_value(value: Any, message: str) -> str:
+    """``'ht!tp:/x' is not ...``: the message with the value in front (never one that may be a secret)."""
+    shown = _shown(value)
+    return f"{_NOT_SHOWN if shown is None else shown} {message}"
 
 
 class JobSection(_Spec, frozen=True):
@@ -183,8 +217,10 @@ class OutputSpec(_Spec, frozen=True):
         for name in names:
             if name is not None and name not in ("date", "job"):
                 return "path", f"unknown placeholder {{{name}}}; use {{date}} or {{job}}"
-        if Path(self.path).suffix.lower() in _NOT_PARQUET_SUFFIXES:
-            return "path", "the output is a Parquet file; give a path ending in .parquet"
+        suffix = Path(self.path).suffix
+        if suffix.lower() in _NOT_PARQUET_SUFFIXES:
+            return "path", _with_value(self.path, f"ends in {suffix}: the output is a Parquet file; "
+                                                  "give a path ending in .parquet")
         return None
 
 
@@ -225,17 +261,20 @@ class ApiSpec(_Spec, frozen=True):
         if value == "simulator":
             return None
         if any(ch.isspace() or not ch.isprintable() for ch in value):
-            return "base_url", "must not contain spaces or control characters"
+            return "base_url", _with_value(value, "must not contain spaces or control characters")
         try:
             parts = urlsplit(value)
             parts.port  # noqa: B018 - urlsplit checks the port only when it is read
         except ValueError as exc:
-            return "base_url", f"cannot be parsed as a URL: {exc}"
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            return "base_url", 'must be an http(s) URL like https://api.atoma.network/v1, or "simulator"'
-        if parts.username or parts.password:
+            if "@" in value:  # it may hold credentials: not quoted
+                return "base_url", f"cannot be parsed as a URL: {exc}"
+            return "base_url", _with_value(value, f"cannot be parsed as a URL: {exc}")
+        if parts.username or parts.password:  # never quoted: it holds a password
             return "base_url", ("must not hold credentials; put the key in the environment variable "
                                 "named by api.api_key_env")
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            return "base_url", _with_value(value, 'is not an http(s) URL like https://api.atoma.network/v1, '
+                                                  'nor "simulator"')
         # Plain http to a remote host is refused by the runner only when a key would be sent.
         return None
 
@@ -268,11 +307,11 @@ class RequestSpec(_Spec, frozen=True):
             return clash[0], f"'{clash[0]}' is set by promptmill, not by the job"
         for name, value in self.params().items():
             if isinstance(value, float) and not math.isfinite(value):
-                return name, "must be a finite number (JSON has no inf or nan)"
+                return name, _with_value(value, "is not a finite number (JSON has no inf or nan)")
             try:
                 orjson.dumps(value)
             except TypeError as exc:  # an integer beyond 64 bits
-                return name, f"cannot be sent as JSON ({exc})"
+                return name, _with_value(value, f"cannot be sent as JSON ({exc})")
         return None
 
 
@@ -580,11 +619,28 @@ def _path_hook(kind: type, value: Any) -> Any:
     raise TypeError(f"should be a path, not {_kind(type(value).__name__)}")
 
 
+_MISSING: Any = object()
+
+
+def _value_at(data: Any, key: tuple[str, ...]) -> Any:
+    for part in key:
+        if isinstance(data, Mapping) and part in data:
+            data = data[part]
+        elif isinstance(data, list) and part.isdigit() and int(part) < len(data):
+            data = data[int(part)]
+        else:
+            return _MISSING
+    return data
+
+
 def _convert(data: Any, cls: type[_T], located: _Located, prefix: tuple[str, ...] = ()) -> _T:
     try:
         return msgspec.convert(data, cls, strict=True, dec_hook=_path_hook)
     except msgspec.ValidationError as exc:
         message, key = _translate(exc, cls)
+        value = _value_at(data, key)
+        if value is not _MISSING and key and not message.startswith(("unknown key", "required key")):
+            message = _with_value(value, message)
         raise located.error(message, (*prefix, *key)) from None
 
 
@@ -612,7 +668,10 @@ def _check_simulator(table: Any, located: _Located) -> None:
         try:
             changed_config(SimConfig(), {key: value})
         except ValueError as exc:
-            raise located.error(str(exc), ("simulator", str(key))) from None
+            message = str(exc)
+            if "wrong type" in message and key != "api_key":  # the fake server's key is not quoted either
+                message = f"{message}: {_shown(value) or _NOT_SHOWN}"
+            raise located.error(message, ("simulator", str(key))) from None
     try:
         changed_config(SimConfig(), table)
     except ValueError as exc:  # settings that do not go together

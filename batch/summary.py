@@ -1,4 +1,9 @@
-"""The end-of-job summary: rows, tokens, cost per model, speed and latency."""
+"""The end-of-job summary: rows, tokens, cost per model, speed and latency.
+
+Rows whose answer carried no usage (several local servers never send it, even
+when asked) are counted and said to be of unknown cost: a job without any usage
+shows its tokens and cost as unknown (null in the JSON), never as zero.
+"""
 
 from __future__ import annotations
 
@@ -51,18 +56,23 @@ class ModelTotals:
     cached_tokens: int = 0
     reasoning_tokens: int = 0
     cost_usd: float = 0.0
-    rows_unpriced: int = 0
+    rows_unpriced: int = 0  # ok rows with usage but no price for their model
+    rows_without_usage: int = 0  # ok rows whose answer carried no usage
 
     def as_dict(self) -> dict[str, Any]:
+        """Tokens are None when no row reported usage, cost when no row has a known cost."""
+        no_tokens = self.rows_without_usage == self.rows_ok > 0
+        no_cost = self.rows_without_usage + self.rows_unpriced == self.rows_ok > 0
         return {
             "rows_ok": self.rows_ok,
             "rows_failed": self.rows_failed,
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "cached_tokens": self.cached_tokens,
-            "reasoning_tokens": self.reasoning_tokens,
-            "cost_usd": round(self.cost_usd, 8),
+            "prompt_tokens": None if no_tokens else self.prompt_tokens,
+            "completion_tokens": None if no_tokens else self.completion_tokens,
+            "cached_tokens": None if no_tokens else self.cached_tokens,
+            "reasoning_tokens": None if no_tokens else self.reasoning_tokens,
+            "cost_usd": None if no_cost else round(self.cost_usd, 8),
             "rows_unpriced": self.rows_unpriced,
+            "rows_without_usage": self.rows_without_usage,
         }
 
 
@@ -100,6 +110,8 @@ class Summary:
                 totals.rows_unpriced += 1
             else:
                 totals.cost_usd += r.cost_usd
+        elif r.status == "ok":
+            totals.rows_without_usage += 1
         if r.latency_s is not None and r.status == "ok":
             self.latencies.append(r.latency_s)
 
@@ -160,17 +172,18 @@ class Summary:
             + (f", of which {d['rows_failed_kept']:,} failed earlier and were kept (--no-retry-failed)"
                if d["rows_failed_kept"] else "")
         )
-        lines.append(
-            f"  tokens    {t['prompt_tokens']:,} in ({t['cached_tokens']:,} cached), "
-            f"{t['completion_tokens']:,} out ({t['reasoning_tokens']:,} reasoning)"
-        )
+        if t["prompt_tokens"] is None:
+            lines.append(f"  tokens    unknown: the server reported no usage for any of the {d['rows_ok']:,} ok rows")
+        else:
+            lines.append(
+                f"  tokens    {t['prompt_tokens']:,} in ({t['cached_tokens']:,} cached), "
+                f"{t['completion_tokens']:,} out ({t['reasoning_tokens']:,} reasoning)"
+                + (f"; {t['rows_without_usage']:,} rows reported no usage" if t["rows_without_usage"] else "")
+            )
         for name, m in d["models"].items():
-            cost = f"${m['cost_usd']:.6f}"
-            if m["rows_unpriced"]:
-                cost += f" (+{m['rows_unpriced']:,} rows with no price)"
-            lines.append(f"  cost      {cost}  {name}")
+            lines.append(f"  cost      {_cost_text(m)}  {name}")
         if len(d["models"]) > 1:
-            lines.append(f"  cost      ${t['cost_usd']:.6f}  total")
+            lines.append(f"  cost      {_cost_text(t)}  total")
         rate = d["rows_per_s"]
         lines.append(f"  time      {d['wall_s']:.1f} s wall, {rate if rate is not None else 0:,.1f} rows/s")
         if d["latency_p50_s"] is not None:
@@ -180,3 +193,17 @@ class Summary:
             lines.append(f"  failures  {errs}")
         lines.append(f"  output    {self.output}")
         return "\n".join(lines)
+
+
+def _cost_text(totals: dict[str, Any]) -> str:
+    """``$X``, ``$X + N rows of unknown cost (why)`` or ``unknown (why)``."""
+    no_usage, unpriced = totals["rows_without_usage"], totals["rows_unpriced"]
+    why = []
+    if no_usage:
+        why.append(f"{no_usage:,} rows without usage")
+    if unpriced:
+        why.append(f"{unpriced:,} rows with no price")
+    if totals["cost_usd"] is None:
+        return f"unknown ({', '.join(why)})"
+    known = f"${totals['cost_usd']:.6f}"
+    return f"{known} + {no_usage + unpriced:,} rows of unknown cost ({', '.join(why)})" if why else known

@@ -74,6 +74,7 @@ RESULT_FIELDS: tuple[pa.Field, ...] = (
     pa.field("endpoint", pa.string()),
     pa.field("status", pa.string()),
     pa.field("text", pa.string()),
+    pa.field("refusal", pa.string()),  # the model's refusal, when it gave one instead of text
     pa.field("finish_reason", pa.string()),
     pa.field("prompt_tokens", pa.int64()),
     pa.field("completion_tokens", pa.int64()),

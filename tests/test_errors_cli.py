@@ -377,9 +377,9 @@ def test_loopback_base_url_needs_no_key(
 @pytest.mark.parametrize(
     ("url", "what"),
     [
-        ("api.example.com/v1", "must be an http(s) URL"),
-        ("ftp://api.example.com/v1", "must be an http(s) URL"),
-        ("https://", "must be an http(s) URL"),
+        ("api.example.com/v1", "is not an http(s) URL"),
+        ("ftp://api.example.com/v1", "is not an http(s) URL"),
+        ("https://", "is not an http(s) URL"),
         ("http://[::1/v1", "cannot be parsed as a URL"),
         ("https://api.example.com:99999/v1", "cannot be parsed as a URL"),
         ("https://api.exa mple.com/v1", "must not contain spaces"),

@@ -341,3 +341,56 @@ def test_simulator_table_is_kept(tmp_path: Path) -> None:
     assert spec.simulator == {"latency_ms": 5}
 
 
+
+
+# --- an error about a bad value quotes the value (never one that may be a key) ----------------
+
+
+@pytest.mark.parametrize(
+    ("replace", "by", "message"),
+    [
+        ("http://127.0.0.1:8089/v1", "ht!tp:/nowhere",
+         "line 8, key 'api.base_url': 'ht!tp:/nowhere' is not an http(s) URL like https://api.atoma.network/v1, "
+         'nor "simulator"'),
+        ("http://127.0.0.1:8089/v1", "https://api.example.com:99999/v1",
+         "line 8, key 'api.base_url': 'https://api.example.com:99999/v1' cannot be parsed as a URL: "
+         "Port out of range 0-65535"),
+        ("http://127.0.0.1:8089/v1", "https://api.example.com/v1\\t",
+         "line 8, key 'api.base_url': 'https://api.example.com/v1\\t' must not contain spaces or control characters"),
+        ('path = "out.parquet"', 'path = "out/results.csv"',
+         "line 5, key 'output.path': 'out/results.csv' ends in .csv: the output is a Parquet file; "
+         "give a path ending in .parquet"),
+        ('model = "m"', 'model = "m"\nfrequency_penalty = nan',
+         "line 12, key 'request.frequency_penalty': nan is not a finite number (JSON has no inf or nan)"),
+        ('[api]\n', '[api]\nendpoint = "embeddings"\n',
+         "line 8, key 'api.endpoint': 'embeddings' should be 'chat' or 'completions'"),
+        ('[api]\n', '[api]\nstream = "yes"\n', "line 8, key 'api.stream': 'yes' should be true or false, not a string"),
+        ('model = "m"', 'model = "m"\nmax_tokens = 0', "line 12, key 'request.max_tokens': 0 should be an integer >= 1"),
+    ],
+)
+def test_an_error_about_a_bad_value_quotes_it(tmp_path: Path, replace: str, by: str, message: str) -> None:
+    path = write(tmp_path, MINIMAL.replace(replace, by))
+    assert str(error_of(path)) == f"{path}, {message}"
+
+
+def test_a_bad_override_quotes_its_value() -> None:
+    err = error_of(None, {**REQUIRED, "limits.concurrency": "4"})
+    assert str(err) == "key 'limits.concurrency': '4' should be an integer, not a string (set by an override)"
+
+
+def test_a_bad_simulator_setting_quotes_its_value(tmp_path: Path) -> None:
+    err = error_of(write(tmp_path, MINIMAL + '\n[simulator]\nlatency_ms = "fast"\n'))
+    assert str(err).endswith("key 'simulator.latency_ms': simulator setting 'latency_ms' has the wrong type: 'fast'")
+
+
+@pytest.mark.parametrize("value", ["sk-proj-Abc123def456ghi789jkl012", "0123456789abcdef0123456789abcdef",
+                                   "https://x/sk-live-from-env-42"])
+def test_a_bad_value_that_may_be_a_key_is_not_quoted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-live-from-env-42")
+    text = MINIMAL.replace("http://127.0.0.1:8089/v1", value.replace("https://", "htps://"))
+    err = error_of(write(tmp_path, text))
+    assert err.key == "api.base_url"
+    assert "the value (not quoted: it may be a key) is not an http(s) URL" in str(err)
+    assert "sk-" not in str(err) and "0123" not in str(err)

@@ -70,3 +70,42 @@ def test_percentiles_of_many_latencies_match_the_sorted_values() -> None:
     ordered = sorted(values)
     for q in (50, 95, 99):
         assert percentile(values, q) == ordered[math.ceil(q / 100 * n) - 1]
+
+
+def no_usage(model: str) -> Result:
+    return r(model, prompt_tokens=None, completion_tokens=None, total_tokens=None, cached_tokens=None,
+             reasoning_tokens=None, cost_usd=None)
+
+
+def test_a_job_with_no_usage_at_all_says_tokens_and_cost_are_unknown() -> None:
+    s = Summary(job="j", output="o.parquet")
+    for _ in range(3):
+        s.add(no_usage("local"))
+    d = s.as_dict()
+    assert d["totals"]["rows_without_usage"] == 3
+    assert d["totals"]["cost_usd"] is None and d["totals"]["prompt_tokens"] is None
+    text = s.render()
+    assert "tokens    unknown: the server reported no usage for any of the 3 ok rows" in text
+    assert "cost      unknown (3 rows without usage)  local" in text
+    assert "$0" not in text and " 0 in" not in text
+
+
+def test_rows_without_usage_are_counted_beside_the_known_cost() -> None:
+    s = Summary(job="j", output="o.parquet")
+    s.add(r("a", cost=0.25))
+    s.add(r("a", cost=0.25))
+    s.add(no_usage("a"))
+    s.add(r("a", status="failed", http_status=500))  # a failed row is not a row without usage
+    d = s.as_dict()
+    assert d["models"]["a"]["rows_without_usage"] == 1
+    assert d["models"]["a"]["cost_usd"] == 0.5 and d["models"]["a"]["prompt_tokens"] == 20
+    text = s.render()
+    assert "20 in (8 cached), 40 out (4 reasoning); 1 rows reported no usage" in text
+    assert "cost      $0.500000 + 1 rows of unknown cost (1 rows without usage)  a" in text
+
+
+def test_a_job_with_usage_everywhere_shows_no_unknowns() -> None:
+    s = Summary(job="j", output="o.parquet")
+    s.add(r("a", cost=0.25))
+    assert s.as_dict()["totals"]["rows_without_usage"] == 0
+    assert "unknown" not in s.render()

@@ -42,7 +42,7 @@ def one_part(output: Path, schema: pa.Schema, *results: Result) -> None:
 def test_schema_has_every_column_in_order() -> None:
     schema = out.output_schema(PASS)
     assert schema.names == [
-        "id", "topic", "model", "endpoint", "status", "text", "finish_reason", "prompt_tokens",
+        "id", "topic", "model", "endpoint", "status", "text", "refusal", "finish_reason", "prompt_tokens",
         "completion_tokens", "total_tokens", "cached_tokens", "reasoning_tokens", "cost_usd",
         "latency_s", "ttft_s", "attempts", "http_status", "error_code", "error", "response_id",
         "created", "system_fingerprint", "request_fingerprint",
