@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import random
 from collections.abc import Iterator
 from typing import Any
 
 import anyio
 import httpx
+import msgspec
 import orjson
 import pytest
 
@@ -44,7 +44,7 @@ def server() -> Iterator[SimServer]:
 @pytest.fixture
 def sim(server: SimServer) -> SimServer:
     """The shared server, back at default settings with zeroed counters."""
-    server.configure(**{f.name: getattr(SimConfig(), f.name) for f in dataclasses.fields(SimConfig)})
+    server.configure(**msgspec.structs.asdict(SimConfig()))
     server.reset_stats()
     return server
 
