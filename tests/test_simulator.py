@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import random
 from collections.abc import Iterator
 from typing import Any
@@ -14,12 +13,9 @@ import orjson
 import pytest
 
 from batch.simulator import (
-    FAULT_KINDS,
     SimConfig,
     SimServer,
     SimState,
-    add_simulator_arguments,
-    config_from_args,
     count_prompt_tokens,
     key_label,
     reply_for,
@@ -418,23 +414,6 @@ def test_servers_get_their_own_ports_and_stop_cleanly() -> None:
         assert httpx.post(f"{two.base_url}/completions", json=COMPLETION).status_code == 200
     with pytest.raises(httpx.ConnectError):
         httpx.post(f"{one.base_url}/completions", json=COMPLETION)
-
-
-def test_command_line_arguments_make_a_config(monkeypatch: pytest.MonkeyPatch) -> None:
-    parser = argparse.ArgumentParser()
-    add_simulator_arguments(parser)
-    assert config_from_args(parser.parse_args([])) == SimConfig()
-    monkeypatch.setenv("SIM_KEY", "sk-from-env")
-    args = parser.parse_args(["--latency-ms", "200", "--rpm", "60", "--limit-style", "atoma",
-                              "--fault-rate", "0.1", "--faults", "500,hang", "--fatal-status", "401",
-                              "--no-done", "--keepalive", "--api-key-env", "SIM_KEY"])
-    config = config_from_args(args)
-    assert (config.latency_ms, config.rpm, config.limit_style) == (200, 60, "atoma")
-    assert (config.fault_rate, config.faults, config.fatal_status) == (0.1, ("500", "hang"), 401)
-    assert (config.stream_done, config.keepalive, config.api_key) == (False, True, "sk-from-env")
-    with pytest.raises(SystemExit):
-        parser.parse_args(["--faults", "meteor"])
-    assert set(FAULT_KINDS) == {"500", "502", "503", "reset", "hang", "malformed", "cut"}
 
 
 async def test_stop_drops_requests_still_in_flight() -> None:
