@@ -148,3 +148,13 @@ async def test_the_runner_asks_for_a_started_simulator(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="RunOptions"):
         await run_job(spec, RunOptions(handle_signals=False, progress=False))
     assert list(tmp_path.iterdir()) == [tmp_path / "in.jsonl"]  # nothing written
+
+
+def test_the_simulator_package_face_lists_every_export_sorted() -> None:
+    import batch.simulator as simulator
+
+    assert simulator.__all__ == sorted(simulator.__all__)
+    public = {name for name, value in vars(simulator).items()
+              if not name.startswith("_") and getattr(value, "__module__", "").startswith("batch.simulator")}
+    assert public == set(simulator.__all__) - {"FAULT_KINDS"}  # a tuple has no __module__
+    assert all(getattr(simulator, name) is not None for name in simulator.__all__)
