@@ -15,7 +15,11 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
+
+if TYPE_CHECKING:
+    from batch.simulator import SimServer
+    from batch.spec import JobSpec
 
 __all__ = ["entry", "main"]
 
@@ -149,7 +153,7 @@ def _run(args: argparse.Namespace) -> int:
         # every 700 allocations (the default) cost 5-10% of the CPU of a job
         gc.set_threshold(20_000, 10, 10)
 
-    spec = load_job(args.job, _overrides(args))
+    spec = load_job(args.job, _overrides(args), check_simulator=_simulator_table_problem)
     _redact_also(os.environ.get(spec.api.api_key_env))  # a variable named by the job file only
     opts = RunOptions(
         fresh=args.fresh,
@@ -160,12 +164,17 @@ def _run(args: argparse.Namespace) -> int:
     use_lean_allocator()
     code = 0
     summary: Summary | None
+    simulator = _start_simulator(spec)
+    opts.base_url = simulator.base_url if simulator is not None else None
     try:
         summary = anyio.run(run_job, spec, opts, backend_options={"use_uvloop": _have_uvloop()})
     except JobStopped as exc:
         summary = opts.summary
         log.error("%s", exc)
         code = exc.exit_code
+    finally:
+        if simulator is not None:
+            simulator.stop()
     if summary is not None:
         print(summary.render(), file=sys.stdout)
     if code:
@@ -173,6 +182,22 @@ def _run(args: argparse.Namespace) -> int:
     if opts.exit_signal is not None:
         return 128 + opts.exit_signal
     return 1 if summary is not None and (summary.rows_failed or summary.rows_failed_kept) else 0
+
+
+def _simulator_table_problem(table: Any) -> tuple[str | None, str] | None:
+    """The job file's ``[simulator]`` table checked by the simulator's own settings."""
+    from batch.simulator import table_problem
+
+    return table_problem(table)
+
+
+def _start_simulator(spec: JobSpec) -> SimServer | None:
+    """For ``base_url = "simulator"``: the built-in simulator on loopback, set by ``[simulator]``."""
+    if not spec.api.is_simulator:
+        return None
+    from batch.simulator import SimServer, config_from_table
+
+    return SimServer(config_from_table(spec.simulator or {})).start()
 
 
 def _have_uvloop() -> bool:
@@ -184,9 +209,13 @@ def _have_uvloop() -> bool:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from batch.simulator import config_from_args, serve
+    from batch.simulator import SettingError, config_from_args, serve
 
-    config = config_from_args(args)
+    try:
+        config = config_from_args(args)
+    except SettingError as exc:  # flags that do not go together, or --api-key-env unset
+        log.error("%s", exc)
+        return 2
     serve(config, host=args.host, port=args.port)
     return 0
 

@@ -25,8 +25,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -81,6 +80,7 @@ class RunOptions:
     flush_s: float | None = None  # None: the job's output.flush_s
     handle_signals: bool = True
     transport: httpx.AsyncBaseTransport | None = None
+    base_url: str | None = None  # instead of the job's api.base_url (the CLI's simulator for "simulator")
     clock: Callable[[], float] = time.perf_counter
     sleep: Callable[[float], Any] = anyio.sleep
     # filled in by run_job for the caller (the CLI prints it)
@@ -133,21 +133,16 @@ def _metadata(spec: JobSpec, identity: dict[str, Any]) -> dict[bytes, bytes]:
     return {out.METADATA_KEY: orjson.dumps(doc, default=str)}
 
 
-@asynccontextmanager
-async def _endpoint(spec: JobSpec) -> AsyncIterator[str]:
-    """The base URL to send to: the job's, or a simulator started for this job's lifetime."""
-    if not spec.api.is_simulator:
-        yield spec.api.base_url
-        return
-    from batch.simulator import SimConfig, SimServer, changed_config
-
-    config = changed_config(SimConfig(), spec.simulator or {})
-    server = await anyio.to_thread.run_sync(SimServer(config).start)
-    try:
-        log.info("started the built-in simulator at %s", server.base_url)
-        yield server.base_url
-    finally:
-        await anyio.to_thread.run_sync(server.stop)
+def _base_url(spec: JobSpec, opts: RunOptions) -> str:
+    """Where to send: ``opts.base_url`` (a simulator the caller started), else the job's."""
+    if opts.base_url is not None:
+        return opts.base_url
+    if spec.api.is_simulator:
+        raise UsageError(
+            'api.base_url = "simulator" needs a simulator started for the job: run it with the '
+            "promptmill command, or start batch.simulator.SimServer and pass RunOptions(base_url=...)"
+        )
+    return spec.api.base_url
 
 
 class _Job:
@@ -433,6 +428,7 @@ async def run_job(spec: JobSpec, opts: RunOptions | None = None) -> Summary:
     opts = opts or RunOptions()
     wall_start = opts.clock()
     api_key = check_api(spec)
+    _base_url(spec, opts)  # refuse "simulator" with none started before anything is written
     output = spec.output_path()
     out.check_output_writable(output)
     reader = InputReader(spec.input)
@@ -504,7 +500,10 @@ async def _run(job: _Job, reader: InputReader, builder: RequestBuilder, api_key:
         sleep=opts.sleep,
         limiter=limiter,
     )
-    async with _endpoint(spec) as base_url, Client(
+    base_url = _base_url(spec, opts)
+    if spec.api.is_simulator:
+        log.info("sending to the built-in simulator at %s", base_url)
+    async with Client(
         base_url, endpoint=spec.api.endpoint, stream=spec.api.stream, api_key=api_key,
         concurrency=concurrency, timeouts=timeouts, transport=opts.transport,
         max_body_bytes=int(spec.api.max_response_mb * 2**20),

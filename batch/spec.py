@@ -56,7 +56,7 @@ import os
 import re
 import string
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, date, datetime, time
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -658,27 +658,11 @@ def _check_passthrough(names: tuple[str, ...], located: _Located) -> None:
             raise located.error(f"'{name}' is a column promptmill writes itself; {what}", ("input", "passthrough"))
 
 
-def _check_simulator(table: Any, located: _Located) -> None:
-    """The ``[simulator]`` table: each setting known, of its type and in range (before anything runs)."""
-    from batch.simulator import SimConfig, changed_config
-
-    if not isinstance(table, Mapping):
-        return
-    for key, value in table.items():
-        try:
-            changed_config(SimConfig(), {key: value})
-        except ValueError as exc:
-            message = str(exc)
-            if "wrong type" in message and key != "api_key":  # the fake server's key is not quoted either
-                message = f"{message}: {_shown(value) or _NOT_SHOWN}"
-            raise located.error(message, ("simulator", str(key))) from None
-    try:
-        changed_config(SimConfig(), table)
-    except ValueError as exc:  # settings that do not go together
-        raise located.error(str(exc), ("simulator",)) from None
+TableCheck = Callable[[Mapping[str, Any]], tuple[str | None, str] | None]
 
 
-def load_job(path: str | Path | None, overrides: Mapping[str, Any] | None = None) -> JobSpec:
+def load_job(path: str | Path | None, overrides: Mapping[str, Any] | None = None, *,
+             check_simulator: TableCheck | None = None) -> JobSpec:
     """Read and validate a job.
 
     ``path`` is the TOML job file, or ``None`` for a job made of overrides only
@@ -687,6 +671,10 @@ def load_job(path: str | Path | None, overrides: Mapping[str, Any] | None = None
     ``"api.stream"``, ``"request.model"``, ...) to typed values; they win over the
     file, and ``None`` values are skipped. Relative paths are relative to the
     current directory, not to the job file.
+
+    ``check_simulator`` checks the ``[simulator]`` table (the spec keeps it as given and
+    does not import the simulator; the CLI passes ``batch.simulator.table_problem``):
+    it returns (setting or None, message) of the first problem, or None.
 
     Raises :class:`JobFileError` naming the file, line and key of the first problem.
     """
@@ -750,6 +738,12 @@ def load_job(path: str | Path | None, overrides: Mapping[str, Any] | None = None
             "the completions endpoint takes a prompt, not messages; use endpoint = \"chat\"",
             ("input", "messages_column"),
         )
-    if spec.simulator is not None:
-        _check_simulator(spec.simulator, located)
+    if spec.simulator is not None and check_simulator is not None:
+        problem = check_simulator(spec.simulator)
+        if problem is not None:
+            setting, message = problem
+            value = spec.simulator.get(setting, _MISSING) if setting else _MISSING
+            if "wrong type" in message and setting != "api_key" and value is not _MISSING:
+                message = f"{message}: {_shown(value) or _NOT_SHOWN}"  # the fake server's key is never quoted
+            raise located.error(message, ("simulator", setting) if setting else ("simulator",))
     return spec

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator
 
+import msgspec
 import pytest
 
 from batch.simulator import SimConfig, SimServer
@@ -35,7 +35,6 @@ def sim_server() -> Iterator[SimServer]:
 @pytest.fixture
 def sim(sim_server: SimServer) -> SimServer:
     """The shared simulator, with default settings and zeroed counters for this test."""
-    defaults = {f.name: f.default for f in dataclasses.fields(SimConfig) if f.name != "api_key"}
-    sim_server.configure(**defaults, api_key=None)
+    sim_server.configure(**msgspec.structs.asdict(SimConfig()))
     sim_server.reset_stats()
     return sim_server

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from batch.errors import JobFileError
+from batch.simulator import table_problem
 from batch.spec import JobSpec, load_job
 
 GOOD = """\
@@ -83,8 +84,9 @@ def write(tmp_path: Path, text: str, name: str = "job.toml") -> Path:
 
 
 def error_of(path: Path | None, overrides: dict[str, Any] | None = None) -> JobFileError:
+    """The error loading the job as the CLI does (its [simulator] table checked by the simulator)."""
     with pytest.raises(JobFileError) as info:
-        load_job(path, overrides)
+        load_job(path, overrides, check_simulator=table_problem)
     return info.value
 
 
@@ -380,7 +382,7 @@ def test_a_bad_override_quotes_its_value() -> None:
 
 def test_a_bad_simulator_setting_quotes_its_value(tmp_path: Path) -> None:
     err = error_of(write(tmp_path, MINIMAL + '\n[simulator]\nlatency_ms = "fast"\n'))
-    assert str(err).endswith("key 'simulator.latency_ms': simulator setting 'latency_ms' has the wrong type: 'fast'")
+    assert str(err).endswith("key 'simulator.latency_ms': simulator setting 'latency_ms' has the wrong type (str): 'fast'")
 
 
 @pytest.mark.parametrize("value", ["sk-proj-Abc123def456ghi789jkl012", "0123456789abcdef0123456789abcdef",

@@ -1,0 +1,3 @@
+from batch.simulator import main
+
+raise SystemExit(main())

@@ -1,0 +1,75 @@
+"""Seeded faults: which request fails, and how (an error status, a dropped or held
+connection, a broken or cut-off body)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import socket
+import struct
+
+from starlette.types import Receive
+
+from batch.simulator.settings import SimConfig
+
+__all__ = ["abort", "break_body", "break_events", "pick", "wait_disconnect"]
+
+BAD_GATEWAY_HTML = (
+    b"<html><head><title>502 Bad Gateway</title></head>"
+    b"<body><center><h1>502 Bad Gateway</h1></center></body></html>\n"
+)
+
+
+def pick(config: SimConfig, rng: random.Random) -> str | None:
+    """The fault for this request, drawn from the seeded RNG at ``fault_rate``, or None."""
+    if config.fault_rate > 0 and rng.random() < config.fault_rate:
+        return config.faults[rng.randrange(len(config.faults))]
+    return None
+
+
+def break_body(payload: bytes, fault: str | None) -> bytes:
+    """A whole answer as the fault leaves it: unparseable, cut in half, or whole."""
+    if fault == "malformed":
+        return payload[: len(payload) // 3] + b',,}"broken'
+    if fault == "cut":
+        return payload[: len(payload) // 2]
+    return payload
+
+
+def break_events(events: list[tuple[bytes, bool]], finish_at: int, fault: str | None) -> list[tuple[bytes, bool]]:
+    """A stream as the fault leaves it: cut before it finishes, or broken after one event."""
+    if fault == "cut":
+        return events[: max(1, finish_at // 2 + 1)]
+    if fault == "malformed":
+        return [*events[:1], (b'data: {"id": "broken", "choices": [{"delta":\n\n', False)]
+    return events
+
+
+async def wait_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def hold(receive: Receive, seconds: float) -> None:
+    """The "hang" fault: hold the request until the client leaves or ``seconds`` pass."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(wait_disconnect(receive), seconds)
+
+
+def abort(receive: Receive) -> bool:
+    """Drop the connection with a TCP reset, no response at all.
+
+    ASGI has no reset, so this is the one place that reaches under it: uvicorn's
+    request cycle (the owner of ``receive``) holds the transport. Returns False
+    when the server is not one we know how to reach into.
+    """
+    transport = getattr(getattr(receive, "__self__", None), "transport", None)
+    if transport is None:
+        return False
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
+    return True
