@@ -317,6 +317,11 @@ def _key_parts(node: Node) -> Iterator[str]:
         yield next(iter(tomllib.loads(f"{(node.text or b'').decode()} = 0")))
 
 
+def _named(node: Node) -> list[Node]:
+    """A node's named children, comments left out."""
+    return [n for n in node.named_children if n.type != "comment"]
+
+
 def key_lines(text: str) -> dict[Key, int]:
     """Every table, key and array element of a TOML text, mapped to the line (1-based) that
     first names it; an array of tables' elements are indexed like msgspec's paths (``a[1].b``).
@@ -347,12 +352,11 @@ def key_lines(text: str) -> dict[Key, int]:
                 if pair.type == "pair":
                     keyed(pair, key)
         elif node.type == "array":
-            items = [n for n in node.named_children if n.type != "comment"]
-            for i, item in enumerate(items):
+            for i, item in enumerate(_named(node)):
                 value(item, (*key, i))
 
     def keyed(pair: Node, table: Key) -> None:
-        key_node, value_node = pair.named_children[0], pair.named_children[-1]
+        key_node, *_, value_node = _named(pair)
         parts = list(_key_parts(key_node))
         for i in range(1, len(parts)):
             lines.setdefault((*table, *parts[:i]), pair.start_point.row + 1)
@@ -362,7 +366,7 @@ def key_lines(text: str) -> dict[Key, int]:
         if node.type == "pair":
             keyed(node, ())
         elif node.type in ("table", "table_array_element"):
-            parts = list(_key_parts(node.named_children[0]))
+            parts = list(_key_parts(_named(node)[0]))
             row = node.start_point.row + 1
             if node.type == "table_array_element":
                 array = (*resolve(parts[:-1]), parts[-1])

@@ -153,8 +153,8 @@ a.b."c.d" = 2          # a dotted key
 s = '''
 fake = 1
 '''
-t = { u = 1, v = { w = [1,
-  { x = 2 }] } }
+t = { u = 1, v = { w = [1,  # a comment
+  { x = 2 }] } }  # another
 
 [[arr]]
 q = 1
@@ -179,6 +179,13 @@ z = 4
     assert lines[("arr", 1, "q")] == 13
     assert lines[("arr", 1, "sub", "r")] == 15
     assert lines[("arr", 1, "list", 0, "z")] == 17
+
+
+def test_key_lines_with_comments_escapes_and_crlf() -> None:
+    text = 'x = [1, {a=1}] # c\r\n[t] # hi\r\n"q\\u0041" = { b = 2 } # c\r\n'
+    assert tomllib.loads(text) == {"x": [1, {"a": 1}], "t": {"qA": {"b": 2}}}
+    assert key_lines(text) == {("x",): 1, ("x", 0): 1, ("x", 1): 1, ("x", 1, "a"): 1,
+                               ("t",): 2, ("t", "qA"): 3, ("t", "qA", "b"): 3}
 
 
 def test_toml_syntax_error_position() -> None:
