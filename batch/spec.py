@@ -52,12 +52,11 @@ from __future__ import annotations
 import ipaddress
 import logging
 import math
-import os
 import re
 import string
 import tomllib
 from collections.abc import Callable, Mapping
-from datetime import UTC, date, datetime, time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import urlsplit
@@ -66,6 +65,16 @@ import msgspec
 import orjson
 
 from batch.errors import JobFileError
+from batch.spec_errors import (
+    NOT_SHOWN,
+    Key,
+    Located,
+    describe,
+    looks_secret,
+    shown,
+    toml_syntax_error,
+)
+from batch.spec_errors import with_value as _with_value
 
 __all__ = [
     "ApiSpec",
@@ -118,39 +127,6 @@ def template_fields(template: str) -> tuple[str, ...]:
             raise ValueError(f"field {{{name}}} must be a plain column name")
         names[name] = None
     return tuple(names)
-
-
-_SHOWN_CHARS = 60  # a bad value is quoted up to this long
-# a value that is one token as long as an API key (sk-..., a hex or base64 secret)
-_TOKEN_LIKE = re.compile(r"\s*(?=[^\s]*\d)[A-Za-z0-9_\-]{20,}\s*")
-_NOT_SHOWN = "the value (not quoted: it may be a key)"
-
-
-def _may_be_secret(text: str) -> bool:
-    """A key pasted in the wrong place: token-shaped, a bearer header, or holding the value
-    of an environment variable named like a key (ATOMA_API_KEY, OPENAI_API_KEY, ...)."""
-    if _TOKEN_LIKE.fullmatch(text) or text.lstrip().lower().startswith("bearer "):
-        return True
-    return any(len(secret) >= 8 and secret in text
-               for name, secret in os.environ.items() if _looks_secret(name))
-
-
-def _shown(value: Any) -> str | None:
-    """A bad value as an error quotes it (clipped), or None for one that may be a secret."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, date | time):
-        return value.isoformat()
-    text = repr(value)
-    if _may_be_secret(value if isinstance(value, str) else text):
-        return None
-    return text if len(text) <= _SHOWN_CHARS else text[: _SHOWN_CHARS - 1] + "…"
-
-
-def _with_value(value: Any, message: str) -> str:
-    """``'ht!tp:/x' is not ...``: the message with the value in front (never one that may be a secret)."""
-    shown = _shown(value)
-    return f"{_NOT_SHOWN if shown is None else shown} {message}"
 
 
 class JobSection(_Spec, frozen=True):
@@ -382,22 +358,6 @@ class JobSpec(_Spec, frozen=True):
 
 # --- loading -----------------------------------------------------------------
 
-_SECRET_NAMES = frozenset(
-    {"api_key", "apikey", "key", "token", "api_token", "access_token", "secret", "password",
-     "authorization", "bearer", "auth"}
-)
-_SECRET_SUFFIXES = ("_key", "_token", "_secret", "_password")
-_TOML_WHERE = re.compile(r"\s*\(at line (\d+), column (\d+)\)\s*$")
-_TOML_AT_END = re.compile(r"\s*\(at end of document\)\s*$")
-
-
-def _looks_secret(name: str) -> bool:
-    norm = name.strip().lower().replace("-", "_")
-    if norm == "api_key_env":
-        return False
-    return norm in _SECRET_NAMES or norm.endswith(_SECRET_SUFFIXES)
-
-
 def _find_secret(data: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> tuple[str, ...] | None:
     for key, value in data.items():
         path = (*prefix, str(key))
@@ -411,7 +371,7 @@ def _find_secret(data: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> tuple
                 if found:
                     return found
             continue
-        if _looks_secret(str(key)):
+        if looks_secret(str(key)):
             return path
         if isinstance(value, str) and value.lstrip().lower().startswith("bearer "):
             return path
@@ -420,105 +380,6 @@ def _find_secret(data: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> tuple
             if found:
                 return found
     return None
-
-
-def _split_key(text: str) -> list[str]:
-    """Split a TOML key (``a."b.c".d``) into its parts."""
-    parts: list[str] = []
-    buf: list[str] = []
-    quote: str | None = None
-    i = 0
-    while i < len(text):
-        ch = text[i]
-        if quote:
-            if ch == "\\" and quote == '"' and i + 1 < len(text):
-                buf.append(text[i + 1])
-                i += 2
-                continue
-            if ch == quote:
-                quote = None
-            else:
-                buf.append(ch)
-        elif ch in "\"'":
-            quote = ch
-        elif ch == ".":
-            parts.append("".join(buf).strip())
-            buf = []
-        else:
-            buf.append(ch)
-        i += 1
-    parts.append("".join(buf).strip())
-    return parts
-
-
-def _key_part(line: str) -> str | None:
-    """The key before ``=`` on a key/value line (outside quotes), else None."""
-    quote: str | None = None
-    for i, ch in enumerate(line):
-        if quote:
-            if ch == quote:
-                quote = None
-        elif ch in "\"'":
-            quote = ch
-        elif ch == "=":
-            return line[:i]
-    return None
-
-
-def _key_lines(text: str) -> dict[tuple[str, ...], int]:
-    """Map every table and key of a TOML text to the line (1-based) that first names it.
-
-    A plain line scanner: good enough to point at a line in an error message.
-    """
-    lines: dict[tuple[str, ...], int] = {}
-    table: tuple[str, ...] = ()
-    in_multiline: str | None = None
-    for lineno, raw in enumerate(text.splitlines(), 1):
-        if in_multiline:
-            if raw.count(in_multiline) % 2 == 1:
-                in_multiline = None
-            continue
-        s = raw.strip()
-        if not s or s.startswith("#"):
-            continue
-        if s.startswith("["):
-            inner = s[2 : s.find("]]")] if s.startswith("[[") else s[1 : s.find("]")]
-            table = tuple(_split_key(inner))
-            lines.setdefault(table, lineno)
-            continue
-        key = _key_part(s)
-        if key is None:
-            continue
-        parts = tuple(_split_key(key))
-        for i in range(1, len(parts) + 1):
-            lines.setdefault((*table, *parts[:i]), lineno)
-        value = s[len(key) + 1 :]
-        for delim in ('"""', "'''"):
-            if value.count(delim) % 2 == 1:
-                in_multiline = delim
-                break
-    return lines
-
-
-class _Located:
-    """Turns a dotted key into a JobFileError with the job file's line."""
-
-    def __init__(self, path: Path | None, text: str, overridden: set[str]) -> None:
-        self.path = path
-        self.lines = _key_lines(text) if text else {}
-        self.overridden = overridden
-
-    def error(self, message: str, key: tuple[str, ...]) -> JobFileError:
-        dotted = ".".join(key) or None
-        for i in range(len(key), 0, -1):
-            if ".".join(key[:i]) in self.overridden:
-                return JobFileError(f"{message} (set by an override)", key=dotted)
-        line = None
-        for i in range(len(key), 0, -1):
-            if key[:i] in self.lines:
-                line = self.lines[key[:i]]
-                break
-        return JobFileError(message, path=self.path, line=line, key=dotted)
 
 
 def _read_toml(path: Path) -> tuple[str, dict[str, Any]]:
@@ -538,14 +399,7 @@ def _read_toml(path: Path) -> tuple[str, dict[str, Any]]:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        message = str(exc)
-        line: int | None = None
-        if m := _TOML_WHERE.search(message):
-            line = int(m.group(1))
-            message = f"{message[: m.start()]} (column {m.group(2)})"
-        elif m := _TOML_AT_END.search(message):
-            line = text.count("\n") + 1
-            message = f"{message[: m.start()]} (at the end of the file)"
+        message, line = toml_syntax_error(exc, text)
         raise JobFileError(f"not valid TOML: {message}", path=path, line=line) from None
     return text, data
 
@@ -563,88 +417,21 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-_MSGSPEC_WHERE = re.compile(r" - at `\$((?:\.[A-Za-z_][A-Za-z0-9_]*|\[\d+\])*)`$")
-_MSGSPEC_PART = re.compile(r"\.([A-Za-z_][A-Za-z0-9_]*)|\[(\d+)\]")
-_EXPECTED = re.compile(r"Expected `([^`]+)`(?:, got `([^`]+)`| (>=|>|<=|<) (\S+))?$")
-_KINDS = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
-          "array": "a list", "object": "a table", "date": "a date", "datetime": "a date and time",
-          "time": "a time"}
-
-
-def _kind(name: str) -> str:
-    return _KINDS.get(name, name)
-
-
-def _choices(cls: type[Any], key: tuple[str, ...]) -> tuple[Any, ...]:
-    """The values a ``Literal`` field at ``key`` (below ``cls``) accepts, else ()."""
-    node: Any = cls
-    for part in key:
-        field = next((f for f in msgspec.structs.fields(node) if f.encode_name == part), None)
-        if field is None:
-            return ()
-        node = field.type
-    return getattr(node, "__args__", ()) if getattr(node, "__origin__", None) is Literal else ()
-
-
-def _translate(exc: msgspec.ValidationError, cls: type[Any]) -> tuple[str, tuple[str, ...]]:
-    """One ``ValidationError`` from :func:`msgspec.convert` as (message, key path)."""
-    text = str(exc)
-    key: tuple[str, ...] = ()
-    if m := _MSGSPEC_WHERE.search(text):
-        key = tuple(name or index for name, index in _MSGSPEC_PART.findall(m.group(1)))
-        text = text[: m.start()]
-    if text.startswith("Object contains unknown field `"):
-        return "unknown key", (*key, text.split("`")[1])
-    if text.startswith("Object missing required field `"):
-        return "required key is missing", (*key, text.split("`")[1])
-    if text.startswith("Invalid enum value "):
-        allowed = [repr(c) for c in _choices(cls, key)]
-        if allowed:
-            return f"should be {', '.join(allowed[:-1])} or {allowed[-1]}", key
-    if m := _EXPECTED.fullmatch(text):
-        wanted = " or ".join(_kind(t) for t in m.group(1).split(" | ") if t != "null")
-        if m.group(2):
-            got = "a boolean" if m.group(2) == "bool" else _kind(m.group(2))
-            return f"should be {wanted}, not {got}", key
-        if m.group(3):
-            bound = m.group(4).removesuffix(".0")
-            return f"should be {wanted} {m.group(3)} {bound}", key
-        return f"should be {wanted}", key
-    return text[:1].lower() + text[1:], key
-
-
 def _path_hook(kind: type, value: Any) -> Any:
     if kind is Path and isinstance(value, str):
         return Path(value)
-    raise TypeError(f"should be a path, not {_kind(type(value).__name__)}")
+    raise TypeError("not a path")  # spec_errors.describe says what the field takes
 
 
-_MISSING: Any = object()
-
-
-def _value_at(data: Any, key: tuple[str, ...]) -> Any:
-    for part in key:
-        if isinstance(data, Mapping) and part in data:
-            data = data[part]
-        elif isinstance(data, list) and part.isdigit() and int(part) < len(data):
-            data = data[int(part)]
-        else:
-            return _MISSING
-    return data
-
-
-def _convert(data: Any, cls: type[_T], located: _Located, prefix: tuple[str, ...] = ()) -> _T:
+def _convert(data: Any, cls: type[_T], located: Located, prefix: Key = ()) -> _T:
     try:
         return msgspec.convert(data, cls, strict=True, dec_hook=_path_hook)
     except msgspec.ValidationError as exc:
-        message, key = _translate(exc, cls)
-        value = _value_at(data, key)
-        if value is not _MISSING and key and not message.startswith(("unknown key", "required key")):
-            message = _with_value(value, message)
+        message, key = describe(exc, cls, data)
         raise located.error(message, (*prefix, *key)) from None
 
 
-def _check_passthrough(names: tuple[str, ...], located: _Located) -> None:
+def _check_passthrough(names: tuple[str, ...], located: Located) -> None:
     """Pass-through columns: each once, none a column promptmill writes itself."""
     # imports pyarrow, which the run needs anyway
     from batch.writer import RESULT_FIELDS
@@ -681,11 +468,11 @@ def load_job(path: str | Path | None, overrides: Mapping[str, Any] | None = None
     source = Path(path) if path is not None else None
     text, data = _read_toml(source) if source is not None else ("", {})
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
-    located = _Located(source, text, set(given))
+    located = Located(source, text, set(given))
 
     secret = _find_secret(data)
     if secret is None:
-        secret = next((tuple(k.split(".")) for k in given if any(map(_looks_secret, k.split(".")))), None)
+        secret = next((tuple(k.split(".")) for k in given if any(map(looks_secret, k.split(".")))), None)
     if secret is not None:
         env = data.get("api", {}).get("api_key_env") if isinstance(data.get("api"), dict) else None
         env_name = env if isinstance(env, str) and _ENV_NAME.fullmatch(env) else "ATOMA_API_KEY"
@@ -742,8 +529,7 @@ def load_job(path: str | Path | None, overrides: Mapping[str, Any] | None = None
         problem = check_simulator(spec.simulator)
         if problem is not None:
             setting, message = problem
-            value = spec.simulator.get(setting, _MISSING) if setting else _MISSING
-            if "wrong type" in message and setting != "api_key" and value is not _MISSING:
-                message = f"{message}: {_shown(value) or _NOT_SHOWN}"  # the fake server's key is never quoted
+            if "wrong type" in message and setting and setting != "api_key" and setting in spec.simulator:
+                message = f"{message}: {shown(spec.simulator[setting]) or NOT_SHOWN}"  # the fake server's key is never quoted
             raise located.error(message, ("simulator", setting) if setting else ("simulator",))
     return spec
