@@ -1,0 +1,70 @@
+"""Nothing a server, a disk or a signal does loses paid work (issue 11).
+
+End to end through the CLI, against a small hostile loopback server
+(``tests/hostile.py``): numbers no column can hold, long waits, bad bytes, a
+server echoing the key, full disks, an input changing under the job, links,
+and signals during the final assembly.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import pytest
+
+from tests.helpers import prompts, run_cli, write_jsonl, write_parquet
+from tests.hostile import Answer, HostileServer, ok
+
+
+def job_toml(tmp_path: Path, inp: Path, outp: Path, base_url: str, extra: str = "", inputs: str = "") -> Path:
+    path = tmp_path / "job.toml"
+    path.write_text(
+        f'[input]\npath = "{inp}"\n{inputs}[output]\npath = "{outp}"\n'
+        f'[api]\nbase_url = "{base_url}"\n[request]\nmodel = "m"\n'
+        "[limits]\nconcurrency = 4\n"
+        "[retry]\nmax_attempts = 2\ninitial_wait_s = 0\nmax_wait_s = 0\n" + extra
+    )
+    return path
+
+
+def rows_of(path: Path) -> list[dict[str, Any]]:
+    return sorted(pq.read_table(path).to_pylist(), key=lambda r: str(r["id"]))
+
+
+# -- ids ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("value", "shown"), [(True, "bool true"), ([1, 2], "list [1,2]"), ({"a": 1}, 'dict {"a":1}')])
+def test_an_id_that_is_a_boolean_list_or_object_is_refused_at_load(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], value: Any, shown: str
+) -> None:
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "prompt": "x"}, {"id": value, "prompt": "y"}])
+    with HostileServer(lambda n, body: ok()) as server:
+        run = run_cli(capsys, "run", job_toml(tmp_path, inp, tmp_path / "out.parquet", server.base_url), "--no-progress")
+        assert server.requests == 0
+    assert run.code == 2
+    assert f"{inp}, line 2, column 'id': an id must be a string or a number, not {shown}" in run.err
+    assert "Traceback" not in run.err
+
+
+def test_a_boolean_id_column_in_parquet_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    inp = write_parquet(tmp_path / "in.parquet", [{"id": True, "prompt": "x"}, {"id": False, "prompt": "y"}])
+    run = run_cli(capsys, "run", job_toml(tmp_path, inp, tmp_path / "out.parquet", "http://127.0.0.1:9/v1"),
+                  "--no-progress")
+    assert run.code == 2
+    assert f"{inp}, line 1, column 'id': an id must be a string or a number, not bool" in run.err
+
+
+def test_a_boolean_id_with_fail_row_is_a_failed_row(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "prompt": "x"}, {"id": True, "prompt": "y"}])
+    outp = tmp_path / "out.parquet"
+    with HostileServer(lambda n, body: ok()) as server:
+        run = run_cli(capsys, "run", job_toml(tmp_path, inp, outp, server.base_url, inputs='on_bad_line = "fail_row"\n'),
+                      "--no-progress")
+    assert run.code == 1
+    rows = rows_of(outp)
+    assert [(r["id"], r["status"], r["error_code"]) for r in rows] == [("<line 2>", "failed", "bad_input"), ("a", "ok", None)]
+    assert "not bool true" in rows[0]["error"]
