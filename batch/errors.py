@@ -11,7 +11,9 @@
         ├── APIStatusError          the server answered with a non-2xx status
         ├── APIConnectionError      connect error, timeout, connection dropped
         └── ResponseError           2xx but the body is unparseable, of the wrong
-                                    shape, or the stream was cut off
+            │                       shape, or the stream was cut off
+            └── BadValueError       2xx whose value cannot be stored (a token count
+                                    beyond range): the row fails, ``code = "bad_response"``
 
 Whether a ``RequestError`` is retried, ends the row, or stops the job is decided
 in one place, ``batch.retry``, from the outcome table in the design.
@@ -25,6 +27,7 @@ from pathlib import Path
 __all__ = [
     "APIConnectionError",
     "APIStatusError",
+    "BadValueError",
     "InputError",
     "JobFileError",
     "JobStopped",
@@ -143,3 +146,11 @@ class APIConnectionError(RequestError):
 
 class ResponseError(RequestError):
     """A 2xx answer that cannot be used: unparseable, wrong shape, or a stream cut off."""
+
+
+class BadValueError(ResponseError):
+    """A 2xx answer holding a value no output column can hold; retrying would pay for it again."""
+
+    def __init__(self, message: str, **kw: object) -> None:
+        kw.setdefault("code", "bad_response")
+        super().__init__(message, **kw)  # type: ignore[arg-type]

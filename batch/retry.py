@@ -4,7 +4,8 @@
 
     retry   408, 409, 425, 429 (not a spent quota), 5xx, connection errors and
             timeouts, cut-off streams and unparseable bodies (ResponseError)
-    fail    any other 4xx (400, 404, 413, 422, ...): the row fails, the job goes on
+    fail    any other 4xx (400, 404, 413, 422, ...), and a 2xx holding a value no
+            column can hold (BadValueError): the row fails, the job goes on
     fatal   401, 402, 403, and a 429 whose code says the quota or balance is spent
             (OpenAI's ``insufficient_quota``): the job stops
 
@@ -46,7 +47,13 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_aft
 from tenacity.stop import stop_base
 from tenacity.wait import wait_base
 
-from batch.errors import APIConnectionError, APIStatusError, RequestError, ResponseError
+from batch.errors import (
+    APIConnectionError,
+    APIStatusError,
+    BadValueError,
+    RequestError,
+    ResponseError,
+)
 
 if TYPE_CHECKING:
     from batch.limiter import Limiter
@@ -71,6 +78,8 @@ def classify(exc: BaseException) -> Outcome:
     Anything that is not a :class:`RequestError` is a bug, not a server answer,
     and is ``"fatal"``.
     """
+    if isinstance(exc, BadValueError):
+        return "fail"  # a value no column can hold: the same answer again would be paid again
     if isinstance(exc, APIConnectionError | ResponseError):
         return "retry"
     if not isinstance(exc, RequestError):

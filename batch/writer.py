@@ -108,6 +108,10 @@ _NO_DICTIONARY = frozenset({"id", "text", "response_id", "request_fingerprint", 
 _KEY_SEP = "\x1f"
 _PART_RE = re.compile(r"^run-(\d{4,})-part-(\d{6,})\.(?:arrow|parquet)$")
 _IPC_OPTIONS = ipc.IpcWriteOptions(compression="zstd")
+# what building a column raises for a value it cannot hold (an int beyond 64 bits, a lone surrogate)
+_UNSTORABLE = (pa.ArrowException, OverflowError, TypeError, ValueError, UnicodeError)
+# the columns a row written failed for an unstorable value keeps
+_KEPT_ON_FAILURE = frozenset({"model", "endpoint", "attempts", "latency_s", "request_fingerprint"})
 
 
 def output_schema(passthrough: pa.Schema, metadata: Mapping[bytes, bytes] | None = None) -> pa.Schema:
@@ -311,15 +315,60 @@ class PartWriter:
         cols["request_fingerprint"].append(result.fingerprint)
 
     def take(self) -> pa.Table | None:
-        """Swap out the buffer as a table (on the event loop), to be written by :meth:`write`."""
+        """Swap out the buffer as a table (on the event loop), to be written by :meth:`write`.
+
+        A row holding a value its column cannot store (the client checks answers
+        where they enter; this is the second line of defence) is written failed
+        with the reason, and every other row of the part is kept.
+        """
         if not self._ids:
             return None
+        try:
+            table = self._table()
+        except _UNSTORABLE:
+            self._fail_unstorable_rows()
+            table = self._table()
+        self._reset()
+        return table
+
+    def _table(self) -> pa.Table:
         arrays = [pa.array(self._ids, pa.string())]
         arrays += [pa.array(self._pass[f.name], f.type) for f in self.schema if f.name in self._pass]
         arrays += [pa.array(self._cols[f.name], f.type) for f in RESULT_FIELDS]
-        table = pa.Table.from_arrays(arrays, schema=self.schema)
-        self._reset()
-        return table
+        return pa.Table.from_arrays(arrays, schema=self.schema)
+
+    def _fail_unstorable_rows(self) -> None:
+        """Find each row a column refuses; keep its id, pass-through values and key, fail the rest."""
+        types = {f.name: f.type for f in self.schema}
+        for i in range(len(self._ids)):
+            bad = None
+            for name, col in (("id", self._ids), *self._pass.items(), *self._cols.items()):
+                try:
+                    pa.array([col[i]], types[name])
+                except _UNSTORABLE as exc:
+                    bad = (name, col[i], type(exc).__name__)
+                    break
+            if bad is None:
+                continue
+            name, value, why = bad
+            shown = repr(value)
+            shown = shown if len(shown) <= 80 else shown[:79] + "…"
+            reason = f"the answer could not be stored: column '{name}' cannot hold {shown} ({why})"
+            log.warning("row %s: %s; written as failed", self._ids[i] if name != "id" else f"#{i}", reason)
+            if name == "id":
+                self._ids[i] = f"<unstorable id {i}>"
+            for pname, col in self._pass.items():
+                try:
+                    pa.array([col[i]], types[pname])
+                except _UNSTORABLE:
+                    col[i] = None
+            cols = self._cols
+            for cname in _RESULT_NAMES:
+                if cname not in _KEPT_ON_FAILURE:
+                    cols[cname][i] = None
+            cols["status"][i] = "failed"
+            cols["error_code"][i] = "bad_response"
+            cols["error"][i] = reason
 
     def write(self, table: pa.Table) -> Path:
         """Write one part durably (safe to call from a worker thread)."""

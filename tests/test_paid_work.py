@@ -68,3 +68,62 @@ def test_a_boolean_id_with_fail_row_is_a_failed_row(tmp_path: Path, capsys: pyte
     rows = rows_of(outp)
     assert [(r["id"], r["status"], r["error_code"]) for r in rows] == [("<line 2>", "failed", "bad_input"), ("a", "ok", None)]
     assert "not bool true" in rows[0]["error"]
+
+
+# -- values checked where they enter -------------------------------------------
+
+
+def test_usage_numbers_no_column_can_hold_fail_their_rows_and_every_other_row_is_kept(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = {7: {"prompt_tokens": 2**64 - 1, "completion_tokens": 2, "total_tokens": 3},
+           50: {"prompt_tokens": 5, "completion_tokens": 1e30, "total_tokens": 3},
+           120: {"prompt_tokens": 5, "completion_tokens": 1, "prompt_tokens_details": {"cached_tokens": 2**63}}}
+    inp = write_jsonl(tmp_path / "in.jsonl", prompts(200))
+    outp = tmp_path / "out.parquet"
+
+    def answer(n: int, body: dict[str, Any]) -> Answer:
+        i = int(body["messages"][-1]["content"].split("number ")[1].split()[0])
+        return ok(usage=bad[i]) if i in bad else ok()
+
+    with HostileServer(answer) as server:
+        job = job_toml(tmp_path, inp, outp, server.base_url)
+        run = run_cli(capsys, "run", job, "--no-progress")
+        assert server.requests == 200  # a bad value is not retried: the same answer would be paid again
+        assert run.code == 1
+        rows = rows_of(outp)
+        assert len(rows) == 200
+        failed = {r["id"]: r for r in rows if r["status"] == "failed"}
+        assert set(failed) == {"p0007", "p0050", "p0120"}
+        assert {r["error_code"] for r in failed.values()} == {"bad_response"}
+        assert "usage.prompt_tokens is not a token count: 18446744073709551615" in failed["p0007"]["error"]
+        assert "usage.completion_tokens is not a token count: 1e+30" in failed["p0050"]["error"]
+        assert "usage.cached_tokens is not a token count: 9223372036854775808" in failed["p0120"]["error"]
+        summary = json.loads((tmp_path / "out.parquet.summary.json").read_text())
+        assert summary["rows_ok"] == 197 and summary["rows_failed"] == 3
+
+        # the rerun sends only the three failed rows again, and finishes
+        run = run_cli(capsys, "run", job, "--no-progress")
+        assert server.requests == 203
+        assert run.code == 1 and len(rows_of(outp)) == 200
+
+
+@pytest.mark.parametrize("body", [
+    b'{"choices": [{"message": {"content": "caf\xe9 \xff ok"}, "finish_reason": "stop"}],'
+    b' "usage": {"prompt_tokens": 5, "completion_tokens": 2}}',
+    b'{"choices": [{"message": {"content": "half \\ud83d of a pair"}, "finish_reason": "stop"}],'
+    b' "usage": {"prompt_tokens": 5, "completion_tokens": 2}}',
+], ids=["invalid-utf8", "lone-surrogate"])
+def test_a_json_answer_with_bad_bytes_is_kept_with_the_replacement_character_and_not_paid_twice(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], body: bytes
+) -> None:
+    inp = write_jsonl(tmp_path / "in.jsonl", prompts(3))
+    outp = tmp_path / "out.parquet"
+    with HostileServer(lambda n, b: (200, {"content-type": "application/json"}, body)) as server:
+        run = run_cli(capsys, "run", job_toml(tmp_path, inp, outp, server.base_url), "--no-progress")
+        assert server.requests == 3
+    assert run.code == 0, run.err
+    texts = {r["text"] for r in rows_of(outp)}
+    assert len(texts) == 1
+    text = texts.pop()
+    assert "\ufffd" in text and text.startswith(("caf", "half ")) and text.endswith(("ok", "of a pair"))
