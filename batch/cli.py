@@ -32,7 +32,7 @@ class _RedactingFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)
         for secret in self._secrets:
-            text = text.replace(secret, "***")
+            text = text.replace(secret, "[redacted]")
         return text
 
 

@@ -36,6 +36,7 @@ from urllib.parse import urlsplit
 import anyio
 import anyio.lowlevel
 import httpx
+import msgspec
 import orjson
 import pyarrow as pa
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
@@ -154,8 +155,10 @@ class _Job:
     """The state of one running job, shared by its tasks."""
 
     def __init__(self, spec: JobSpec, opts: RunOptions, writer: out.PartWriter, summary: Summary,
-                 index: out.ResumeIndex, progress: Progress) -> None:
+                 index: out.ResumeIndex, progress: Progress, secret: str | None = None) -> None:
         self.spec = spec
+        # the API key: redacted from every text a server sent before it is stored or counted
+        self.secret = secret if secret and len(secret) >= 4 else None
         self.opts = opts
         self.writer = writer
         self.summary = summary
@@ -188,6 +191,8 @@ class _Job:
     # -- results -------------------------------------------------------------
 
     def record(self, result: Result) -> None:
+        if self.secret is not None:
+            result = _redacted(result, self.secret)
         self.writer.add(result)
         self.summary.add(result)
         self.progress.update(result.status == "ok")
@@ -391,6 +396,20 @@ class _Job:
             self.flushed = anyio.Event()
 
 
+_SERVER_TEXT = ("text", "finish_reason", "error_code", "error", "response_id", "system_fingerprint")
+
+
+def _redacted(result: Result, secret: str) -> Result:
+    """``result`` with the exact key replaced by ``[redacted]`` in every text a server sent
+    (a server echoing the prompt's headers or the key back in its answer)."""
+    changes = {
+        name: value.replace(secret, "[redacted]")
+        for name in _SERVER_TEXT
+        if isinstance(value := getattr(result, name), str) and secret in value
+    }
+    return msgspec.structs.replace(result, **changes) if changes else result
+
+
 def _first_promptmill_error(group: BaseExceptionGroup[BaseException]) -> PromptmillError | None:
     for exc in group.exceptions:
         if isinstance(exc, PromptmillError):
@@ -464,7 +483,7 @@ async def run_job(spec: JobSpec, opts: RunOptions | None = None) -> Summary:
             log.info("resuming: %s rows of an earlier run are done and will be skipped", f"{len(index):,}")
         writer = out.PartWriter(output, schema, out.next_run_number(output))
         progress = Progress(getattr(reader, "num_rows", None), enabled=opts.progress)
-        job = _Job(spec, opts, writer, summary, index, progress)
+        job = _Job(spec, opts, writer, summary, index, progress, api_key)
         try:
             await _run(job, reader, builder, api_key)
         except ExceptionGroup as group:

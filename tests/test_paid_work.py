@@ -127,3 +127,40 @@ def test_a_json_answer_with_bad_bytes_is_kept_with_the_replacement_character_and
     assert len(texts) == 1
     text = texts.pop()
     assert "\ufffd" in text and text.startswith(("caf", "half ")) and text.endswith(("ok", "of a pair"))
+
+
+# -- the key ---------------------------------------------------------------------
+
+
+def test_a_key_the_server_echoes_is_redacted_in_the_output_summary_and_logs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key = "sk-test-" + "7f3a9c" * 5
+    monkeypatch.setenv("ATOMA_API_KEY", key)
+    inp = write_jsonl(tmp_path / "in.jsonl", prompts(6))
+    outp = tmp_path / "out" / "out.parquet"
+
+    def answer(n: int, body: dict[str, Any]) -> Answer:
+        i = int(body["messages"][-1]["content"].split("number ")[1].split()[0])
+        if i == 1:  # a 200 whose error code and message carry it: retried, then failed
+            return 200, {"content-type": "application/json"}, json.dumps(
+                {"error": {"code": f"bad-{key}", "message": f"your key {key} is odd"}}).encode()
+        if i == 2:
+            return 400, {"content-type": "application/json"}, json.dumps(
+                {"error": {"code": "BAD", "message": f"key {key} refused"}}).encode()
+        return ok(f"I was sent the key {key}, here it is: {key}.")
+
+    with HostileServer(answer) as server:
+        run = run_cli(capsys, "run", job_toml(tmp_path, inp, outp, server.base_url), "--no-progress")
+    assert run.code == 1
+    rows = rows_of(outp)
+    assert rows[0]["text"] == "I was sent the key [redacted], here it is: [redacted]."
+    assert "[redacted]" in rows[1]["error"] and "[redacted]" in rows[2]["error"]
+    seen = run.out + run.err
+    for path in (outp.parent).rglob("*"):
+        if path.is_file():
+            seen += path.read_bytes().decode("latin-1")
+            if path.suffix == ".parquet":
+                seen += json.dumps(pq.read_table(path).to_pylist(), default=str)
+    assert key not in seen and key[8:20] not in seen
+    assert "[redacted]" in (outp.parent / "out.parquet.summary.json").read_text() or "[redacted]" in run.out
