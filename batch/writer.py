@@ -55,11 +55,15 @@ __all__ = [
     "PartWriter",
     "ResumeIndex",
     "assemble",
+    "check_not_input",
+    "check_output_ours",
     "check_output_writable",
     "discard_progress",
+    "is_promptmill_output",
     "load_index",
     "next_run_number",
     "output_schema",
+    "output_target",
     "parts_dir",
     "read_job_identity",
     "remove_parts_dir",
@@ -122,6 +126,43 @@ def output_schema(passthrough: pa.Schema, metadata: Mapping[bytes, bytes] | None
 
 def parts_dir(output: Path) -> Path:
     return output.with_name(output.name + ".parts")
+
+
+def check_not_input(output: Path, inp: Path) -> None:
+    """Refuse an output that is the input file, after links and in any spelling, whatever the flags."""
+    same = os.path.realpath(output) == os.path.realpath(inp)
+    if not same:
+        with contextlib.suppress(OSError):
+            same = output.exists() and os.path.samefile(output, inp)
+    if same:
+        raise OutputError(
+            f"the output is the input file {inp}: promptmill never writes its input; choose another output",
+            path=output,
+        )
+
+
+def output_target(output: Path) -> Path:
+    """Where the output's bytes go: through a symbolic link to its target, never replacing the link."""
+    return Path(os.path.realpath(output)) if output.is_symlink() else output
+
+
+def is_promptmill_output(output: Path) -> bool:
+    """Whether the file at ``output`` is a Parquet file carrying promptmill's metadata."""
+    try:
+        meta = pq.read_schema(output).metadata or {}
+    except (OSError, pa.ArrowException, ValueError):
+        return False
+    return METADATA_KEY in meta
+
+
+def check_output_ours(output: Path) -> None:
+    """Refuse to read, replace or mix with an existing file promptmill did not write (``--fresh`` included)."""
+    if output.is_file() and not is_promptmill_output(output):
+        raise OutputError(
+            "a file that promptmill did not write is in the way (no promptmill metadata); it is never "
+            "replaced, not even with --fresh: move it away or choose another output",
+            path=output,
+        )
 
 
 def check_output_writable(output: Path) -> None:
@@ -279,7 +320,8 @@ def discard_progress(output: Path) -> None:
         p.unlink(missing_ok=True)
     with contextlib.suppress(FileNotFoundError):
         (folder / "job.json").unlink()
-    output.unlink(missing_ok=True)
+    check_output_ours(output)
+    output_target(output).unlink(missing_ok=True)
 
 
 class PartWriter:
@@ -573,7 +615,8 @@ def assemble(output: Path, schema: pa.Schema) -> int:
         pa.default_memory_pool().release_unused()
     else:
         offsets = [0] * (len(sources) + 1)  # row positions matter only with a mask
-    tmp = output.with_name(f".{output.name}.tmp")
+    target = output_target(output)
+    tmp = target.with_name(f".{target.name}.tmp")
     total = 0
     with open(tmp, "wb") as fh:
         dictionary = [name for name in schema.names if name not in _NO_DICTIONARY]
@@ -601,8 +644,8 @@ def assemble(output: Path, schema: pa.Schema) -> int:
             writer.close()
         fh.flush()
         os.fsync(fh.fileno())
-    os.replace(tmp, output)
-    _fsync_dir(output.parent)
+    os.replace(tmp, target)
+    _fsync_dir(target.parent)
     for p in _part_files(output):
         p.unlink(missing_ok=True)
     return total

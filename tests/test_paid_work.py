@@ -9,6 +9,7 @@ and signals during the final assembly.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -164,3 +165,50 @@ def test_a_key_the_server_echoes_is_redacted_in_the_output_summary_and_logs(
                 seen += json.dumps(pq.read_table(path).to_pylist(), default=str)
     assert key not in seen and key[8:20] not in seen
     assert "[redacted]" in (outp.parent / "out.parquet.summary.json").read_text() or "[redacted]" in run.out
+
+
+# -- the input is never written; links ----------------------------------------------
+
+
+@pytest.mark.parametrize("spelling", ["same", "dotted", "link"])
+@pytest.mark.parametrize("fresh", [False, True])
+def test_an_output_that_is_the_input_is_refused_whatever_the_flags(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], spelling: str, fresh: bool
+) -> None:
+    (tmp_path / "sub").mkdir()
+    inp = write_parquet(tmp_path / "in.parquet", prompts(3))
+    before = inp.read_bytes()
+    outp = {"same": inp, "dotted": tmp_path / "sub" / ".." / "in.parquet", "link": tmp_path / "link.parquet"}[spelling]
+    if spelling == "link":
+        outp.symlink_to(inp)
+    with HostileServer(lambda n, b: ok()) as server:
+        run = run_cli(capsys, "run", job_toml(tmp_path, inp, outp, server.base_url), "--no-progress",
+                      *(["--fresh"] if fresh else []))
+        assert server.requests == 0
+    assert run.code == 2
+    assert run.err.strip().splitlines() == [
+        f"promptmill: {outp}: the output is the input file {inp}: promptmill never writes its input; "
+        "choose another output"
+    ]
+    assert inp.read_bytes() == before
+
+
+def test_an_output_that_is_a_link_is_written_through_to_its_target(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    inp = write_jsonl(tmp_path / "in.jsonl", prompts(4))
+    (tmp_path / "store").mkdir()
+    target = tmp_path / "store" / "results.parquet"
+    link = tmp_path / "latest.parquet"
+    link.symlink_to(target)  # dangling until the first run writes the target
+    with HostileServer(lambda n, b: ok()) as server:
+        job = job_toml(tmp_path, inp, link, server.base_url)
+        assert run_cli(capsys, "run", job, "--no-progress").code == 0
+        assert link.is_symlink() and len(rows_of(target)) == 4
+        # a rerun resumes through the link; --fresh replaces the target, not the link
+        assert run_cli(capsys, "run", job, "--no-progress").code == 0
+        assert server.requests == 4
+        assert run_cli(capsys, "run", job, "--no-progress", "--fresh").code == 0
+        assert server.requests == 8
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert len(rows_of(target)) == 4 and len(rows_of(link)) == 4

@@ -163,7 +163,7 @@ def test_job_identity_round_trips_through_parts_and_output_metadata(tmp_path: Pa
 
 def test_fresh_discards_parts_and_output(tmp_path: Path) -> None:
     output = tmp_path / "res.parquet"
-    schema = out.output_schema(PASS)
+    schema = out.output_schema(PASS, {out.METADATA_KEY: b"{}"})  # what every run writes: promptmill's metadata
     one_part(output, schema, result(0))
     out.assemble(output, schema)
     out.discard_progress(output)
