@@ -5,7 +5,11 @@
     │   ├── JobFileError            names the job file, its line and the key
     │   ├── InputError              names the input file, its line (or row) and column
     │   └── OutputError             names the output path
-    ├── JobStopped (exit 3)         a fatal server answer (401, 402, 403, spent quota)
+    ├── JobStopped (exit 3)         a fatal server answer (401, 402, 403, spent quota), an
+    │   │                           outage, a wait past retry.outage_s; finished rows kept
+    │   ├── InputChanged (exit 65)  the input file changed while the job read it
+    │   └── DiskError (exit 74)     a part, the output or the summary could not be written
+    │                               (ENOSPC, EDQUOT, EIO, EROFS, ...); parts on disk kept
     └── RequestError                one row's request failed; carries ``row_id`` like
         │                           httpx errors carry ``.request``
         ├── APIStatusError          the server answered with a non-2xx status
@@ -21,6 +25,7 @@ in one place, ``batch.retry``, from the outcome table in the design.
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -28,6 +33,8 @@ __all__ = [
     "APIConnectionError",
     "APIStatusError",
     "BadValueError",
+    "DiskError",
+    "InputChanged",
     "InputError",
     "JobFileError",
     "JobStopped",
@@ -113,6 +120,29 @@ class JobStopped(PromptmillError):
     def __init__(self, message: str, *, cause: RequestError | None = None) -> None:
         self.cause = cause
         super().__init__(message)
+
+
+class InputChanged(JobStopped):
+    """The input's size or modification time changed while the job read it (requests were sent)."""
+
+    exit_code = 65  # EX_DATAERR
+
+
+class DiskError(JobStopped):
+    """Writing a part, the output or the summary failed; names the path and the cause."""
+
+    exit_code = 74  # EX_IOERR
+
+    def __init__(self, exc: OSError, *, path: Path | str, what: str) -> None:
+        self.path = path
+        self.errno = exc.errno
+        cause = exc.strerror or str(exc)
+        if exc.errno is not None and exc.errno in errno.errorcode:
+            cause += f" ({errno.errorcode[exc.errno]})"
+        super().__init__(
+            f"{path}: cannot write {what}: {cause}; every part already on disk is kept: "
+            "free space (or fix the disk) and rerun the same command to finish the job"
+        )
 
 
 class RequestError(PromptmillError):

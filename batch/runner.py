@@ -21,6 +21,7 @@ Stopping:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -46,6 +47,7 @@ from batch import writer as out
 from batch.client import Client, Reply, Timeouts
 from batch.errors import (
     APIConnectionError,
+    DiskError,
     JobStopped,
     OutputError,
     PromptmillError,
@@ -386,6 +388,9 @@ class _Job:
             await self.flush()
 
     async def flush(self) -> None:
+        if self.writer.unwritten:  # kept by a disk error: the first to try again
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self.writer.write_unwritten)
         table = self.writer.take()
         if table is not None:
             # shielded: a cancel must not lose a part half-way through its write
@@ -498,15 +503,38 @@ async def run_job(spec: JobSpec, opts: RunOptions | None = None) -> Summary:
             progress.close()
             summary.rows_failed_kept = index.failed_skipped
             summary.wall_s = opts.clock() - wall_start
-            await job.flush()
-            _release_memory()  # what the run's buffers held, before the merge needs its own
-            await anyio.to_thread.run_sync(out.assemble, output, schema)
-            summary.write_json(output.with_name(output.name + ".summary.json"))
+            await _finish(job, output, schema)
         # while the lock is held: a run starting now must not see the folder vanish under it
         out.remove_parts_dir(output)
     finally:
         lock.release()
     return summary
+
+
+async def _finish(job: _Job, output: Path, schema: pa.Schema) -> None:
+    """Flush what is left, assemble the output, write the summary; a disk error in any of
+    them stops the rest of what needs the disk (never the parts on it) and is raised last."""
+    summary = job.summary
+    failed: DiskError | None = None
+    try:
+        await job.flush()
+        _release_memory()  # what the run's buffers held, before the merge needs its own
+        await anyio.to_thread.run_sync(out.assemble, output, schema)
+    except DiskError as exc:
+        failed = exc
+        summary.stopped = str(exc)
+    path = output.with_name(output.name + ".summary.json")
+    try:
+        summary.write_json(path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            path.with_name(f".{path.name}.tmp").unlink()
+        failed = failed or DiskError(exc, path=path, what="the summary")
+    if failed is not None:
+        if not summary.stopped:
+            summary.stopped = str(failed)
+        log.debug("rows not on disk: %d", len(job.writer) + sum(t.num_rows for t in job.writer.unwritten))
+        raise failed
 
 
 async def _run(job: _Job, reader: InputReader, builder: RequestBuilder, api_key: str | None) -> None:

@@ -45,7 +45,7 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
-from batch.errors import OutputError
+from batch.errors import DiskError, OutputError
 from batch.reader import hashes_repeat, read_parquet_columns
 from batch.records import Result
 
@@ -247,12 +247,17 @@ def _fsync_dir(folder: Path) -> None:
 def _write_atomically(table: pa.Table, path: Path) -> None:
     """A part: an Arrow IPC file, written under a temporary name, fsynced and renamed."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        with ipc.new_file(fh, table.schema, options=_IPC_OPTIONS) as writer:
-            writer.write_table(table)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            with ipc.new_file(fh, table.schema, options=_IPC_OPTIONS) as writer:
+                writer.write_table(table)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()  # half a part takes space and is never read: gone
+        raise
     _fsync_dir(path.parent)
 
 
@@ -336,6 +341,7 @@ class PartWriter:
         self._passthrough = [f.name for f in schema if f.name != "id" and f.name not in _RESULT_NAMES]
         self._part = 0
         self.rows_flushed = 0
+        self.unwritten: list[pa.Table] = []
         self._reset()
 
     def _reset(self) -> None:
@@ -413,15 +419,25 @@ class PartWriter:
             cols["error"][i] = reason
 
     def write(self, table: pa.Table) -> Path:
-        """Write one part durably (safe to call from a worker thread)."""
+        """Write one part durably (safe to call from a worker thread).
+
+        On a disk error the table is kept (:attr:`unwritten`) for a later call
+        to try again, and :class:`DiskError` names the part and the cause.
+        """
         self._part += 1
         path = self._folder / f"run-{self.run:04d}-part-{self._part:06d}.arrow"
         try:
             _write_atomically(table, path)
         except OSError as exc:
-            raise OutputError(f"cannot save progress: {exc.strerror or exc}", path=path) from None
+            self.unwritten.append(table)
+            raise DiskError(exc, path=path, what="a part of progress") from None
         self.rows_flushed += table.num_rows
         return path
+
+    def write_unwritten(self) -> None:
+        """Try again the parts a disk error kept from being written."""
+        while self.unwritten:
+            self.write(self.unwritten.pop(0))
 
     def flush(self) -> None:
         table = self.take()
@@ -617,6 +633,21 @@ def assemble(output: Path, schema: pa.Schema) -> int:
         offsets = [0] * (len(sources) + 1)  # row positions matter only with a mask
     target = output_target(output)
     tmp = target.with_name(f".{target.name}.tmp")
+    try:
+        total = _merge(sources, offsets, mask, schema, tmp)
+        os.replace(tmp, target)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise DiskError(exc, path=target, what="the output") from None
+    _fsync_dir(target.parent)
+    for p in _part_files(output):
+        p.unlink(missing_ok=True)
+    return total
+
+
+def _merge(sources: list[Path], offsets: list[int], mask: pa.Array | None, schema: pa.Schema, tmp: Path) -> int:
+    """Write every source's rows (those ``mask`` keeps) to ``tmp`` as one Parquet file, fsynced."""
     total = 0
     with open(tmp, "wb") as fh:
         dictionary = [name for name in schema.names if name not in _NO_DICTIONARY]
@@ -644,10 +675,6 @@ def assemble(output: Path, schema: pa.Schema) -> int:
             writer.close()
         fh.flush()
         os.fsync(fh.fileno())
-    os.replace(tmp, target)
-    _fsync_dir(target.parent)
-    for p in _part_files(output):
-        p.unlink(missing_ok=True)
     return total
 
 

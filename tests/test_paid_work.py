@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -212,3 +214,91 @@ def test_an_output_that_is_a_link_is_written_through_to_its_target(
         assert server.requests == 8
     assert link.is_symlink() and os.readlink(link) == str(target)
     assert len(rows_of(target)) == 4 and len(rows_of(link)) == 4
+
+
+# -- full disks --------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MB tmpfs (root only; skipped where it cannot be mounted), unmounted afterwards."""
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(folder)],
+                          capture_output=True, check=False)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {done.stderr.decode().strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def test_a_disk_that_fills_up_stops_with_one_line_keeps_its_parts_and_the_rerun_finishes(
+    tmp_path: Path, small_disk: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    n = 400
+    inp = write_jsonl(tmp_path / "in.jsonl", prompts(n))
+    outp = small_disk / "out.parquet"
+    filler = small_disk / "filler"
+    filler.write_bytes(os.urandom(2 * 2**20 - 400 * 2**10))  # 400 KB left
+    sent: list[str] = []
+
+    def answer(n: int, body: dict[str, Any]) -> Answer:
+        sent.append(body["messages"][-1]["content"])
+        return ok(os.urandom(1500).hex())  # 3 KB a row that compresses to about half: 400 rows need 1.2 MB
+
+    with HostileServer(answer) as server:
+        job = job_toml(tmp_path, inp, outp, server.base_url)
+        job.write_text(job.read_text().replace(f'path = "{outp}"\n', f'path = "{outp}"\nflush_rows = 20\n'))
+        run = run_cli(capsys, "run", job, "--no-progress")
+        assert run.code == 74, run.err
+        errors = [line for line in run.err.splitlines() if "cannot write" in line]
+        assert len(errors) == 1, run.err
+        assert "No space left on device (ENOSPC)" in errors[0] and str(small_disk) in errors[0]
+        assert "every part already on disk is kept" in errors[0]
+        assert "Traceback" not in run.err
+        assert "stopped early" in run.out  # the summary is printed
+        parts = sorted((small_disk / "out.parquet.parts").glob("*.arrow"))
+        assert parts and not list((small_disk / "out.parquet.parts").glob(".*.tmp"))
+        kept = sum(pq.read_metadata(p).num_rows if p.suffix == ".parquet" else _ipc_rows(p) for p in parts)
+        assert 0 < kept < n
+
+        filler.unlink()  # space again: the rerun sends only what is not on disk, and finishes
+        run = run_cli(capsys, "run", job, "--no-progress")
+        assert run.code == 0, run.err
+    rows = pq.read_table(outp).to_pylist()
+    assert sorted(r["id"] for r in rows) == [f"p{i:04d}" for i in range(n)]  # none lost, none twice
+    assert len(sent) - n <= n - kept  # nothing on disk was sent again
+
+
+def _ipc_rows(path: Path) -> int:
+    import pyarrow.ipc as ipc
+
+    with open(path, "rb") as f:
+        return int(ipc.open_file(f).read_all().num_rows)
+
+
+@pytest.mark.parametrize("code", ["EDQUOT", "EIO", "EROFS"])
+def test_every_disk_error_is_one_line_with_the_path_and_cause(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, code: str
+) -> None:
+    import errno
+
+    from batch import writer
+
+    inp = write_jsonl(tmp_path / "in.jsonl", prompts(5))
+    outp = tmp_path / "out.parquet"
+
+    def failing(table: Any, path: Path) -> None:
+        raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
+
+    monkeypatch.setattr(writer, "_write_atomically", failing)  # a disk failing in this one way
+    with HostileServer(lambda n, b: ok()) as server:
+        run = run_cli(capsys, "run", job_toml(tmp_path, inp, outp, server.base_url), "--no-progress")
+    assert run.code == 74
+    lines = [line for line in run.err.splitlines() if "cannot write" in line]
+    assert len(lines) == 1 and f"({code})" in lines[0] and str(outp) + ".parts" in lines[0]
+    assert "Traceback" not in run.err
