@@ -25,6 +25,7 @@ import contextlib
 import logging
 import os
 import signal
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -503,12 +504,40 @@ async def run_job(spec: JobSpec, opts: RunOptions | None = None) -> Summary:
             progress.close()
             summary.rows_failed_kept = index.failed_skipped
             summary.wall_s = opts.clock() - wall_start
-            await _finish(job, output, schema)
+            with _signals_held(job):
+                await _finish(job, output, schema)
         # while the lock is held: a run starting now must not see the folder vanish under it
         out.remove_parts_dir(output)
     finally:
         lock.release()
     return summary
+
+
+@contextlib.contextmanager
+def _signals_held(job: _Job) -> Iterator[None]:
+    """SIGINT and SIGTERM while the output is assembled: noted, not obeyed until it is done.
+
+    The assembly is short and already safe to kill, but a kill would leave no summary
+    and the exit code of a kill; noted, the job ends as it would after a first signal.
+    """
+    if not job.opts.handle_signals or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def note(signum: int, frame: object) -> None:
+        name = signal.Signals(signum).name
+        if job.opts.exit_signal is None:
+            job.opts.exit_signal = signum
+            job.summary.stopped = f"{name} received"
+        log.warning("%s: finishing the output first (it is nearly done), then stopping", name)
+
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {signum: signal.signal(signum, note) for signum in held}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 async def _finish(job: _Job, output: Path, schema: pa.Schema) -> None:

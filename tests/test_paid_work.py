@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -302,3 +303,31 @@ def test_every_disk_error_is_one_line_with_the_path_and_cause(
     lines = [line for line in run.err.splitlines() if "cannot write" in line]
     assert len(lines) == 1 and f"({code})" in lines[0] and str(outp) + ".parts" in lines[0]
     assert "Traceback" not in run.err
+
+
+# -- signals during the assembly ------------------------------------------------------
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_during_the_assembly_lets_it_finish_then_prints_the_summary(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+    signum: signal.Signals, code: int,
+) -> None:
+    from batch import writer
+
+    assemble = writer.assemble
+
+    def signalled_assemble(output: Path, schema: Any) -> int:
+        os.kill(os.getpid(), signum)  # the signal arrives while the output is being assembled
+        return assemble(output, schema)
+
+    monkeypatch.setattr(writer, "assemble", signalled_assemble)
+    inp = write_jsonl(tmp_path / "in.jsonl", prompts(20))
+    outp = tmp_path / "out.parquet"
+    with HostileServer(lambda n, b: ok()) as server:
+        run = run_cli(capsys, "run", job_toml(tmp_path, inp, outp, server.base_url), "--no-progress")
+    assert run.code == code
+    assert f"stopped early: {signum.name} received" in run.out
+    assert "20 ok" in run.out
+    assert len(rows_of(outp)) == 20 and not (tmp_path / "out.parquet.parts").exists()
+    assert json.loads((tmp_path / "out.parquet.summary.json").read_text())["rows_ok"] == 20
