@@ -14,6 +14,9 @@ Stopping:
 * so does an outage: no request has succeeded for ``retry.outage_s`` and the last
   rows (at least twice the concurrency) all failed in ways that are retried
   (connection errors, timeouts, 5xx; not 429, which the limiter waits out);
+* an input whose size or modification time changed since the start (checked as each
+  batch is read) stops feeding; requests in flight finish, and :class:`InputChanged`
+  is raised (an :class:`InputError` when nothing was sent yet);
 * the first SIGINT or SIGTERM stops feeding, lets requests in flight finish
   within ``grace_s``, then flushes and assembles; a second signal cancels at once,
   still keeping every finished row.
@@ -49,6 +52,8 @@ from batch.client import Client, Reply, Timeouts
 from batch.errors import (
     APIConnectionError,
     DiskError,
+    InputChanged,
+    InputError,
     JobStopped,
     OutputError,
     PromptmillError,
@@ -158,7 +163,8 @@ class _Job:
     """The state of one running job, shared by its tasks."""
 
     def __init__(self, spec: JobSpec, opts: RunOptions, writer: out.PartWriter, summary: Summary,
-                 index: out.ResumeIndex, progress: Progress, secret: str | None = None) -> None:
+                 index: out.ResumeIndex, progress: Progress, secret: str | None = None,
+                 input_seen: os.stat_result | None = None) -> None:
         self.spec = spec
         # the API key: redacted from every text a server sent before it is stored or counted
         self.secret = secret if secret and len(secret) >= 4 else None
@@ -187,7 +193,10 @@ class _Job:
         self.unflushed = 0
         self.max_at_risk = spec.limits.concurrency + self.flush_rows
         self.flushed = anyio.Event()
-        self.fatal: JobStopped | None = None
+        self.fatal: PromptmillError | None = None
+        self.sent = 0  # rows handed to the client (sent at least once)
+        seen = os.stat(spec.input.path) if input_seen is None else input_seen
+        self.input_seen: tuple[int, int] = (seen.st_size, seen.st_mtime_ns)
         self.feed_scope = anyio.CancelScope()
         self.workers_scope = anyio.CancelScope()
 
@@ -233,7 +242,7 @@ class _Job:
         index = self.index
         handed = 0
         while not self.stopping:
-            batch = await anyio.to_thread.run_sync(next, batches, None)
+            batch = await anyio.to_thread.run_sync(self._next_batch, batches)
             if batch is None:
                 return
             skipped = 0
@@ -262,6 +271,43 @@ class _Job:
                 self.summary.rows_skipped += skipped
                 self.progress.skip(skipped)
 
+    def _next_batch(self, batches: Iterator[list[Row]]) -> list[Row] | None:
+        """The next batch of rows, or None at the end; stops the job if the input changed meanwhile."""
+        try:
+            batch = next(batches, None)
+        except PromptmillError:
+            if self._input_changed() is None:
+                raise
+            batch = None
+        change = self._input_changed()
+        if change is None:
+            return batch
+        path = self.spec.input.path
+        if self.sent == 0:
+            self.fatal = InputError(f"the input changed while the job read it ({change}); nothing was sent: "
+                                    "rerun once it is complete", path=path)
+        else:
+            self.fatal = InputChanged(
+                f"{path}: the input changed while the job ran ({change}): stopping; {self.sent:,} requests "
+                "were sent and every finished row is kept; rerun the same command once the input is final"
+            )
+        self.summary.stopped = str(self.fatal)
+        self.stopping = True  # workers finish what is in flight and take no more
+        return None
+
+    def _input_changed(self) -> str | None:
+        """How the input's size or modification time differs from what the job saw at start, if it does."""
+        try:
+            now = os.stat(self.spec.input.path)
+        except OSError as exc:
+            return f"it is gone: {exc.strerror}"
+        size, mtime = self.input_seen
+        if now.st_size != size:
+            return f"{size:,} bytes at start, now {now.st_size:,}"
+        if now.st_mtime_ns != mtime:
+            return "modified since the job started"
+        return None
+
     async def work(self, receive: MemoryObjectReceiveStream[Request], client: Client,
                    limiter: Limiter, policy: RetryPolicy) -> None:
         clock = self.opts.clock
@@ -282,6 +328,7 @@ class _Job:
                 if self.stopping:
                     break
                 started = clock()
+                self.sent += 1
                 self.in_flight += 1
                 try:
                     reply, attempts = await policy.call(
@@ -462,6 +509,10 @@ async def run_job(spec: JobSpec, opts: RunOptions | None = None) -> Summary:
     out.check_not_input(output, Path(spec.input.path))
     out.check_output_writable(output)
     out.check_output_ours(output)
+    try:
+        input_seen = os.stat(spec.input.path)  # before it is read: a change from now on stops the job
+    except OSError:
+        input_seen = None  # the reader says what is wrong with it
     reader = InputReader(spec.input)
     reader.check()
     _release_memory()
@@ -491,7 +542,7 @@ async def run_job(spec: JobSpec, opts: RunOptions | None = None) -> Summary:
             log.info("resuming: %s rows of an earlier run are done and will be skipped", f"{len(index):,}")
         writer = out.PartWriter(output, schema, out.next_run_number(output))
         progress = Progress(getattr(reader, "num_rows", None), enabled=opts.progress)
-        job = _Job(spec, opts, writer, summary, index, progress, api_key)
+        job = _Job(spec, opts, writer, summary, index, progress, api_key, input_seen)
         try:
             await _run(job, reader, builder, api_key)
         except ExceptionGroup as group:

@@ -331,3 +331,44 @@ def test_a_signal_during_the_assembly_lets_it_finish_then_prints_the_summary(
     assert "20 ok" in run.out
     assert len(rows_of(outp)) == 20 and not (tmp_path / "out.parquet.parts").exists()
     assert json.loads((tmp_path / "out.parquet.summary.json").read_text())["rows_ok"] == 20
+
+
+# -- an input that changes under the job ---------------------------------------------
+
+
+@pytest.mark.parametrize("change", ["rewritten", "truncated"])
+def test_an_input_that_changes_under_the_job_stops_it_keeping_every_finished_row(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], change: str
+) -> None:
+    n = 1100  # more than one batch of the reader (1,024 rows): the second is read after the change
+    inp = write_jsonl(tmp_path / "in.jsonl", prompts(n))
+    original = inp.read_bytes()
+    outp = tmp_path / "out.parquet"
+
+    def answer(k: int, body: dict[str, Any]) -> Answer:
+        if k == 5:
+            if change == "truncated":
+                with open(inp, "r+b") as f:
+                    f.truncate(len(original) // 2)
+            else:
+                write_jsonl(inp, prompts(n + 10))
+        return ok()
+
+    with HostileServer(answer) as server:
+        job = job_toml(tmp_path, inp, outp, server.base_url)
+        job.write_text(job.read_text().replace("concurrency = 4", "concurrency = 16"))
+        run = run_cli(capsys, "run", job, "--no-progress")
+        assert run.code == 65, run.err
+        line = [x for x in run.err.splitlines() if "changed while the job ran" in x]
+        assert len(line) == 1 and str(inp) in line[0] and "every finished row is kept" in line[0]
+        assert "Traceback" not in run.err
+        sent = server.requests
+        assert 5 < sent < n
+        assert len(rows_of(outp)) == sent  # every request answered is a row on disk
+        assert "stopped early" in run.out
+
+        inp.write_bytes(original)  # the input as it was: the rerun finishes the job
+        run = run_cli(capsys, "run", job, "--no-progress")
+        assert run.code == 0, run.err
+        assert server.requests == n
+    assert sorted(r["id"] for r in rows_of(outp)) == [f"p{i:04d}" for i in range(n)]
