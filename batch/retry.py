@@ -137,6 +137,8 @@ class RetrySettings:
     max_wait_s: float = 60.0
     row_budget_s: float = 900.0
     jitter: bool = True
+    # a wait past this stops the job (the runner says so): no "retrying in" line for it
+    outage_s: float = math.inf
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
@@ -202,6 +204,7 @@ class RetryPolicy:
         self.settings = settings
         self._sleep = sleep
         self._clock = clock
+        self._limiter = limiter
         self._wait = _Wait(settings, rng or random.Random(), paced_429=limiter is not None)
 
     async def call(self, attempt: Callable[[], Awaitable[T]], *, row_id: str) -> tuple[T, int]:
@@ -234,9 +237,15 @@ class RetryPolicy:
                 raise failed
             return await attempt()
 
+        limiter = self._limiter
+
         def log_retry(state: RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
             wait = state.next_action.sleep if state.next_action else 0.0
+            if limiter is not None and isinstance(exc, RequestError) and exc.http_status == 429:
+                wait += limiter.blocked_for()  # the pause every worker waits out in the limiter: the real wait
+            if wait > self.settings.outage_s:
+                return  # not a wait that will be taken: the job stops, and says so
             logger.warning(
                 "row %s: attempt %d failed (%s), retrying in %.2f s",
                 row_id,

@@ -33,6 +33,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -60,13 +61,13 @@ from batch.errors import (
     RequestError,
     UsageError,
 )
-from batch.limiter import Limiter, answer_tokens
+from batch.limiter import Limiter, _has_rate_headers, answer_tokens
 from batch.pricing import Price, PriceTable
 from batch.progress import Progress
 from batch.prompts import RequestBuilder
 from batch.reader import InputReader, row_error
 from batch.records import Request, Result, Row
-from batch.retry import RetryPolicy, RetrySettings, classify
+from batch.retry import RetryPolicy, RetrySettings, classify, retry_after
 from batch.spec import JobSpec, is_loopback
 from batch.summary import Summary
 
@@ -183,6 +184,10 @@ class _Job:
         self.stopping = False
         self.told: set[str] = set()  # failure codes already logged once
         self.outage_s = spec.retry.outage_s
+        self.max_wait_s = spec.retry.max_wait_s
+        self.wait_end = -float("inf")  # when the longest wait the server asked for ends (opts.clock)
+        self.wait_told = 0.0
+        self.wait_step = max(spec.retry.max_wait_s, 1.0)
         self.down_after = max(10, 2 * spec.limits.concurrency)
         self.down_rows = 0  # rows failed in a row, in ways that are retried (an outage when it lasts)
         self.last_ok = opts.clock()
@@ -219,10 +224,44 @@ class _Job:
             endpoint=self.endpoint, status="failed", error_code=code, error=message,
         ))
 
-    def stop_now(self, exc: RequestError, message: str | None = None) -> None:
+    def check_wait(self, seconds: float, exc: RequestError | None, what: str) -> None:
+        """A wait the server asked for: beyond ``retry.max_wait_s`` it is announced in one line
+        (then logged as it goes, see :meth:`tell_waiting`); beyond ``retry.outage_s`` the job stops."""
+        if seconds <= self.max_wait_s:
+            return
+        retry = self.spec.retry
+        when = (datetime.now(UTC) + timedelta(seconds=seconds)).strftime("%Y-%m-%d %H:%M:%S UTC")
+        if seconds > self.outage_s:
+            self.stop_now(exc, (
+                f"the server asked to wait {_span(seconds)} ({what}, until {when}), past retry.outage_s "
+                f"({retry.outage_s:g} s): stopping; rows already finished are kept, rerun the same command "
+                f"after {when}"
+            ))
+            return
+        end = self.opts.clock() + seconds
+        if end <= self.wait_end + 1.0:
+            return  # the same wait, already announced
+        self.wait_end = end
+        self.wait_told = self.opts.clock()
+        log.warning(
+            "the server asked to wait %s (%s, until %s), longer than retry.max_wait_s (%g s): waiting for it, "
+            "with a line every %g s; a wait past retry.outage_s (%g s) would stop the job",
+            _span(seconds), what, when, retry.max_wait_s, self.wait_step, retry.outage_s,
+        )
+
+    def tell_waiting(self) -> None:
+        """During a long wait the server asked for, one line every ``wait_step`` seconds."""
+        now = self.opts.clock()
+        if now >= self.wait_end or now - self.wait_told < self.wait_step:
+            return
+        self.wait_told = now
+        log.warning("still waiting for the server: %s left", _span(self.wait_end - now))
+
+    def stop_now(self, exc: RequestError | None, message: str | None = None) -> None:
         """A fatal answer: every further request would fail the same way, so stop all of them."""
         if self.fatal is None:
-            self.fatal = JobStopped(message or _fatal_message(exc), cause=exc)
+            assert exc is not None or message is not None
+            self.fatal = JobStopped(message or _fatal_message(exc), cause=exc)  # type: ignore[arg-type]
             self.summary.stopped = str(self.fatal)
         self.stopping = True
         self.feed_scope.cancel()
@@ -367,8 +406,7 @@ class _Job:
         ))
         return True
 
-    @staticmethod
-    async def _attempt(request: Request, client: Client, limiter: Limiter) -> Reply:
+    async def _attempt(self, request: Request, client: Client, limiter: Limiter) -> Reply:
         """One attempt at one row: wait for the rate budget, send, tell the limiter how it went."""
         body = request.body
         # what a server charges at admission: the prompt plus every token the answer may take
@@ -380,12 +418,19 @@ class _Job:
             limiter.release(reservation)
             raise
         except RequestError as exc:
+            asked = retry_after(exc.headers) if exc.headers else None
             if exc.http_status == 429:
-                limiter.on_rate_limited(exc.headers, reservation)
+                pause = limiter.on_rate_limited(exc.headers, reservation)
+                if asked is not None or _has_rate_headers(exc.headers):
+                    self.check_wait(pause, exc, "Retry-After" if asked is not None else "x-ratelimit-reset")
             else:
                 limiter.settle(reservation, None)
+                if asked is not None and classify(exc) == "retry":
+                    self.check_wait(asked, exc, "Retry-After")
             raise
         limiter.on_response(reply.headers, reservation)
+        if not limiter.free and (blocked := limiter.blocked_for()) > self.max_wait_s:
+            self.check_wait(blocked, None, "x-ratelimit-reset")
         usage = reply.completion.usage
         # settle against the real prompt size; the answer's share stays reserved as the server counts it
         limiter.settle(reservation, reserve - request.est_prompt_tokens + usage.prompt_tokens if usage else None)
@@ -434,6 +479,7 @@ class _Job:
                 await self.flush_due.wait()
             self.flush_due = anyio.Event()
             await self.flush()
+            self.tell_waiting()
 
     async def flush(self) -> None:
         if self.writer.unwritten:  # kept by a disk error: the first to try again
@@ -492,6 +538,15 @@ def use_lean_allocator() -> None:
 def _release_memory() -> None:
     """Give back what Arrow's allocator keeps after a pass over a whole file (tens of MB on a million rows)."""
     pa.default_memory_pool().release_unused()
+
+
+def _span(seconds: float) -> str:
+    """A wait as a person reads it: ``86,400 s (24.0 h)``."""
+    if seconds >= 3600:
+        return f"{seconds:,.0f} s ({seconds / 3600:.1f} h)"
+    if seconds >= 120:
+        return f"{seconds:,.0f} s ({seconds / 60:.1f} min)"
+    return f"{seconds:.1f} s"
 
 
 def _fatal_message(exc: RequestError) -> str:
@@ -624,13 +679,15 @@ async def _run(job: _Job, reader: InputReader, builder: RequestBuilder, api_key:
         connect=spec.api.connect_timeout_s, read=spec.api.read_timeout_s,
         write=spec.api.write_timeout_s, total=spec.api.request_timeout_s,
     )
-    limiter = Limiter(spec.limits.rpm, spec.limits.tpm, clock=time.monotonic, sleep=opts.sleep)
+    limiter = Limiter(spec.limits.rpm, spec.limits.tpm, clock=opts.clock, sleep=opts.sleep)
     policy = RetryPolicy(
         RetrySettings(
             max_attempts=spec.retry.max_attempts, initial_wait_s=spec.retry.initial_wait_s,
             max_wait_s=spec.retry.max_wait_s, row_budget_s=spec.retry.row_budget_s,
+            outage_s=spec.retry.outage_s,
         ),
         sleep=opts.sleep,
+        clock=opts.clock,
         limiter=limiter,
     )
     async with _endpoint(spec) as base_url, Client(

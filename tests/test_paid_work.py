@@ -9,7 +9,9 @@ and signals during the final assembly.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -372,3 +374,90 @@ def test_an_input_that_changes_under_the_job_stops_it_keeping_every_finished_row
         assert run.code == 0, run.err
         assert server.requests == n
     assert sorted(r["id"] for r in rows_of(outp)) == [f"p{i:04d}" for i in range(n)]
+
+
+# -- waits have a ceiling ----------------------------------------------------------------
+
+WHEN = r"until \d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2} UTC"
+
+
+@pytest.mark.parametrize(("status", "headers", "what"), [
+    (429, {"retry-after": "86400"}, r"86,400 s \(24\.0 h\) \(Retry-After, "),
+    (503, {"retry-after": "86400"}, r"86,400 s \(24\.0 h\) \(Retry-After, "),
+    (200, {"x-ratelimit-limit-requests": "1000", "x-ratelimit-remaining-requests": "0",
+           "x-ratelimit-reset-requests": "264h"}, r"950,400 s \(264\.0 h\) \(x-ratelimit-reset, "),
+], ids=["429-retry-after", "503-retry-after", "reset-eleven-days-away"])
+def test_a_wait_past_outage_s_stops_the_job_at_once_naming_the_reset_time(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], status: int, headers: dict[str, str], what: str
+) -> None:
+    inp = write_jsonl(tmp_path / "in.jsonl", prompts(40))
+    outp = tmp_path / "out.parquet"
+
+    def answer(n: int, body: dict[str, Any]) -> Answer:
+        if n < 10:
+            return ok()
+        if status == 200:
+            return 200, {"content-type": "application/json", **headers}, ok()[2]
+        return status, {"content-type": "application/json", **headers}, b'{"error": {"message": "later"}}'
+
+    with HostileServer(answer) as server:
+        run = run_cli(capsys, "run", job_toml(tmp_path, inp, outp, server.base_url), "--no-progress")
+        assert server.requests < 40  # it did not grind through the input, and did not sleep for days
+    assert run.code == 3, run.err
+    assert re.search(rf"the server asked to wait {what}{WHEN}\), past retry\.outage_s \(300 s\): stopping; "
+                     rf"rows already finished are kept, rerun the same command after \d{{4}}-", run.err), run.err
+    assert "Traceback" not in run.err
+    rows = rows_of(outp)
+    assert sum(r["status"] == "ok" for r in rows) >= 10  # every finished row kept
+
+
+async def test_a_wait_past_max_wait_s_is_announced_taken_and_logged_as_taken(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import anyio
+    import httpx
+
+    from batch.runner import RunOptions, run_job
+    from batch.spec import load_job
+
+    class FakeTime:
+        def __init__(self) -> None:
+            self.now = 0.0
+
+        def clock(self) -> float:
+            return self.now
+
+        async def sleep(self, seconds: float) -> None:
+            self.now += seconds
+            await anyio.lowlevel.checkpoint()
+
+    fake = FakeTime()
+    sent_at: list[float] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent_at.append(fake.now)
+        if len(sent_at) == 1:
+            return httpx.Response(429, headers={"retry-after": "120"}, json={"error": {"message": "slow down"}})
+        return httpx.Response(200, content=ok()[2], headers={"content-type": "application/json"})
+
+    inp = write_jsonl(tmp_path / "in.jsonl", prompts(3))
+    spec = load_job(None, {
+        "input.path": str(inp), "output.path": str(tmp_path / "out.parquet"), "api.base_url": "http://127.0.0.1:9/v1",
+        "request.model": "m", "limits.concurrency": 1, "retry.max_wait_s": 60.0, "retry.outage_s": 300.0,
+        "retry.initial_wait_s": 0.0,
+    })
+    opts = RunOptions(transport=httpx.MockTransport(handler), sleep=fake.sleep, clock=fake.clock,
+                      handle_signals=False, progress=False)
+    with caplog.at_level(logging.INFO):
+        summary = await run_job(spec, opts)
+    assert summary.rows_ok == 3
+    assert sent_at[1] >= 120.0  # the wait the server asked for was taken, not cut short
+    announced = [r.getMessage() for r in caplog.records if "asked to wait" in r.getMessage()]
+    assert len(announced) == 1
+    assert re.fullmatch(rf"the server asked to wait 120 s \(2\.0 min\) \(Retry-After, {WHEN}\), longer than "
+                        r"retry\.max_wait_s \(60 s\): waiting for it, with a line every 60 s; a wait past "
+                        r"retry\.outage_s \(300 s\) would stop the job", announced[0])
+    retried = [r.getMessage() for r in caplog.records if "retrying in" in r.getMessage()]
+    assert len(retried) == 1
+    waited = float(re.search(r"retrying in ([\d.]+) s", retried[0]).group(1))  # type: ignore[union-attr]
+    assert 120.0 <= waited <= 121.0  # the wait actually taken, not the jitter before it
