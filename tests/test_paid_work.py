@@ -408,7 +408,9 @@ def test_a_wait_past_outage_s_stops_the_job_at_once_naming_the_reset_time(
                      rf"rows already finished are kept, rerun the same command after \d{{4}}-", run.err), run.err
     assert "Traceback" not in run.err
     rows = rows_of(outp)
-    assert sum(r["status"] == "ok" for r in rows) >= 10  # every finished row kept
+    # every finished row is kept: the first 10 answers were good, less the few (at most the
+    # concurrency, 4) still in flight when the stop cancelled them
+    assert 10 - 4 <= sum(r["status"] == "ok" for r in rows) <= 10
 
 
 async def test_a_wait_past_max_wait_s_is_announced_taken_and_logged_as_taken(
