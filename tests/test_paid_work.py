@@ -463,3 +463,25 @@ async def test_a_wait_past_max_wait_s_is_announced_taken_and_logged_as_taken(
     assert len(retried) == 1
     waited = float(re.search(r"retrying in ([\d.]+) s", retried[0]).group(1))  # type: ignore[union-attr]
     assert 120.0 <= waited <= 121.0  # the wait actually taken, not the jitter before it
+
+
+def test_an_input_that_changes_before_anything_is_sent_is_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from batch.reader import InputReader
+
+    inp = write_jsonl(tmp_path / "in.jsonl", prompts(5))
+    check = InputReader.check
+
+    def check_then_append(self: InputReader) -> None:
+        check(self)
+        with open(inp, "a") as f:  # another program appends just after the input was checked
+            f.write(json.dumps({"id": "late", "prompt": "x"}) + "\n")
+
+    monkeypatch.setattr(InputReader, "check", check_then_append)
+    with HostileServer(lambda n, b: ok()) as server:
+        run = run_cli(capsys, "run", job_toml(tmp_path, inp, tmp_path / "out.parquet", server.base_url),
+                      "--no-progress")
+        assert server.requests == 0
+    assert run.code == 2
+    assert f"{inp}: the input changed while the job read it (" in run.err and "nothing was sent" in run.err
