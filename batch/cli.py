@@ -3,8 +3,9 @@
 Exit codes: 0 every row ok; 1 finished with failed rows (this run's, or an
 earlier run's kept by --no-retry-failed); 2 bad job file, option,
 input or output (nothing sent); 3 stopped by a fatal server answer (401, 402,
-403, spent quota) or an outage (retry.outage_s) after keeping what was done; 130 / 143 stopped by SIGINT /
-SIGTERM after keeping what was done.
+403, spent quota), an outage or a wait past retry.outage_s, after keeping what was done;
+65 the input changed while the job ran; 74 a disk error writing parts, output or summary
+(parts on disk kept); 130 / 143 stopped by SIGINT / SIGTERM after keeping what was done.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ class _RedactingFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)
         for secret in self._secrets:
-            text = text.replace(secret, "***")
+            text = text.replace(secret, "[redacted]")
         return text
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import json
 import logging
 import re
 import time
@@ -39,7 +40,13 @@ import orjson
 from httpx_sse import EventSource, SSEError
 
 from batch import __version__
-from batch.errors import APIConnectionError, APIStatusError, RequestError, ResponseError
+from batch.errors import (
+    APIConnectionError,
+    APIStatusError,
+    BadValueError,
+    RequestError,
+    ResponseError,
+)
 from batch.network import CertificateError, Transport, proxy_for
 from batch.records import Completion, Usage
 
@@ -52,6 +59,8 @@ _PATHS: Final = {"chat": "/chat/completions", "completions": "/completions"}
 _MESSAGE_CHARS: Final = 300  # the server's message is cut to this in our errors
 _SNIPPET_CHARS: Final = 80  # how much of an unusable 2xx body an error quotes
 _ERROR_BODY_BYTES: Final = 64 * 1024  # enough of an error body to find its message
+# A token count must be below this: exact as a float (the summary's JSON, the cost) and in the int64 columns.
+_MAX_COUNT: Final = 2**53
 
 @dataclass(frozen=True, slots=True)
 class Timeouts:
@@ -87,20 +96,46 @@ def _str_or_none(value: object) -> str | None:
 
 
 def _token_count(value: object, name: str) -> int:
-    if type(value) is int and value >= 0:
+    if type(value) is int and 0 <= value < _MAX_COUNT:
         return value
-    if type(value) is float and value >= 0 and value.is_integer():
+    if type(value) is float and 0 <= value < _MAX_COUNT and value.is_integer():
         return int(value)
-    raise ResponseError(f"usage.{name} is not a token count: {_clip(repr(value), _SNIPPET_CHARS)}")
+    # checked here, where it enters: the same answer again would be paid again and fail the same way
+    raise BadValueError(f"usage.{name} is not a token count: {_clip(repr(value), _SNIPPET_CHARS)}")
 
 
 def _detail_count(details: object, name: str) -> int | None:
-    # The token details are optional extras: absent, null or odd values mean "not reported".
+    # The token details are optional extras: absent, null or odd values mean "not reported";
+    # a count that no column can hold is a bad answer, like one of the main counts.
     if isinstance(details, dict):
         value = details.get(name)
         if type(value) is int and value >= 0:
+            if value >= _MAX_COUNT:
+                raise BadValueError(f"usage.{name} is not a token count: {_clip(repr(value), _SNIPPET_CHARS)}")
             return value
     return None
+
+
+def _loads_lenient(data: bytes | str) -> Any:
+    """JSON with invalid UTF-8 or lone surrogates in its strings: each bad piece becomes U+FFFD.
+
+    orjson refuses both; the standard library's parser takes the text decoded with
+    replacement and keeps lone surrogate escapes, which :func:`_valid_text` replaces.
+    Raises ``ValueError`` when the body is not JSON at all.
+    """
+    text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
+    return json.loads(text)
+
+
+def _valid_text(value: str | None) -> str | None:
+    """``value`` with every lone surrogate replaced by U+FFFD (an output column holds valid text only)."""
+    if value is None or value.isascii():
+        return value
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return value
 
 
 def _parse_usage(raw: object) -> Usage | None:
@@ -257,13 +292,22 @@ def _body_snippet(data: bytes | str) -> str:
 
 
 def parse_completion(data: bytes, endpoint: str) -> Completion:
-    """Parse a non-streamed JSON answer; raise ``ResponseError`` for anything unusable."""
+    """Parse a non-streamed JSON answer; raise ``ResponseError`` for anything unusable.
+
+    Invalid UTF-8 or a lone surrogate in a string is kept as U+FFFD, as in a stream:
+    a well-formed answer is never paid for twice because of a bad byte.
+    """
+    lenient = False
     try:
         payload = orjson.loads(data)
     except orjson.JSONDecodeError:
         if not data:
             raise ResponseError("empty response body") from None
-        raise ResponseError(f"response body is not valid JSON: {_body_snippet(data)!r}") from None
+        try:
+            payload = _loads_lenient(data)
+        except (ValueError, RecursionError):
+            raise ResponseError(f"response body is not valid JSON: {_body_snippet(data)!r}") from None
+        lenient = True
     if not isinstance(payload, dict):
         raise ResponseError(f"response body is not a JSON object: {_body_snippet(data)!r}")
     choices = payload.get("choices")
@@ -277,7 +321,7 @@ def parse_completion(data: bytes, endpoint: str) -> Completion:
     if not isinstance(choice, dict):
         raise ResponseError("choices[0] is not an object")
     text, refusal = _choice_text(choice, endpoint == "chat")
-    return Completion(
+    completion = Completion(
         text=text,
         finish_reason=_str_or_none(choice.get("finish_reason")) or None,
         response_id=_str_or_none(payload.get("id")),
@@ -286,6 +330,19 @@ def parse_completion(data: bytes, endpoint: str) -> Completion:
         system_fingerprint=_str_or_none(payload.get("system_fingerprint")),
         usage=_parse_usage(_usage_of(payload)),
         refusal=refusal,
+    )
+    return _valid_strings(completion) if lenient else completion
+
+
+def _valid_strings(c: Completion) -> Completion:
+    return msgspec.structs.replace(
+        c,
+        text=None if c.text is None else _valid_text(c.text) or "",
+        refusal=_valid_text(c.refusal),
+        finish_reason=_valid_text(c.finish_reason),
+        response_id=_valid_text(c.response_id),
+        model=_valid_text(c.model),
+        system_fingerprint=_valid_text(c.system_fingerprint),
     )
 
 
@@ -306,6 +363,7 @@ class StreamAssembler:
         "_fingerprint",
         "_finish_reason",
         "_id",
+        "_lenient",
         "_model",
         "_parts",
         "_refusals",
@@ -331,6 +389,7 @@ class StreamAssembler:
         self._fingerprint: str | None = None
         self._usage: object = None  # the latest usage seen, parsed once in finish()
         self._ttft: float | None = None
+        self._lenient = False  # an event held a lone surrogate: strings are made valid in finish()
 
     @property
     def done(self) -> bool:
@@ -349,7 +408,11 @@ class StreamAssembler:
         try:
             chunk = orjson.loads(data)
         except orjson.JSONDecodeError:
-            raise ResponseError(f"stream event is not valid JSON: {_body_snippet(data)!r}") from None
+            try:
+                chunk = _loads_lenient(data)
+            except (ValueError, RecursionError):
+                raise ResponseError(f"stream event is not valid JSON: {_body_snippet(data)!r}") from None
+            self._lenient = True
         if not isinstance(chunk, dict):
             raise ResponseError(f"stream event is not a JSON object: {_body_snippet(data)!r}")
         if chunk.get("error"):
@@ -410,7 +473,7 @@ class StreamAssembler:
                 raise ResponseError("stream ended without any answer")
             raise ResponseError("stream was cut off before its finish_reason or usage")
         refusal = "".join(self._refusals) or None
-        return Completion(
+        completion = Completion(
             text=None if refusal is not None and not self._parts else "".join(self._parts),
             finish_reason=self._finish_reason,
             response_id=self._id,
@@ -421,6 +484,7 @@ class StreamAssembler:
             ttft_s=self._ttft,
             refusal=refusal,
         )
+        return _valid_strings(completion) if self._lenient else completion
 
 
 # -- the HTTP side ---------------------------------------------------------

@@ -5,13 +5,19 @@
     │   ├── JobFileError            names the job file, its line and the key
     │   ├── InputError              names the input file, its line (or row) and column
     │   └── OutputError             names the output path
-    ├── JobStopped (exit 3)         a fatal server answer (401, 402, 403, spent quota)
+    ├── JobStopped (exit 3)         a fatal server answer (401, 402, 403, spent quota), an
+    │   │                           outage, a wait past retry.outage_s; finished rows kept
+    │   ├── InputChanged (exit 65)  the input file changed while the job read it
+    │   └── DiskError (exit 74)     a part, the output or the summary could not be written
+    │                               (ENOSPC, EDQUOT, EIO, EROFS, ...); parts on disk kept
     └── RequestError                one row's request failed; carries ``row_id`` like
         │                           httpx errors carry ``.request``
         ├── APIStatusError          the server answered with a non-2xx status
         ├── APIConnectionError      connect error, timeout, connection dropped
         └── ResponseError           2xx but the body is unparseable, of the wrong
-                                    shape, or the stream was cut off
+            │                       shape, or the stream was cut off
+            └── BadValueError       2xx whose value cannot be stored (a token count
+                                    beyond range): the row fails, ``code = "bad_response"``
 
 Whether a ``RequestError`` is retried, ends the row, or stops the job is decided
 in one place, ``batch.retry``, from the outcome table in the design.
@@ -19,12 +25,16 @@ in one place, ``batch.retry``, from the outcome table in the design.
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Mapping
 from pathlib import Path
 
 __all__ = [
     "APIConnectionError",
     "APIStatusError",
+    "BadValueError",
+    "DiskError",
+    "InputChanged",
     "InputError",
     "JobFileError",
     "JobStopped",
@@ -112,6 +122,29 @@ class JobStopped(PromptmillError):
         super().__init__(message)
 
 
+class InputChanged(JobStopped):
+    """The input's size or modification time changed while the job read it (requests were sent)."""
+
+    exit_code = 65  # EX_DATAERR
+
+
+class DiskError(JobStopped):
+    """Writing a part, the output or the summary failed; names the path and the cause."""
+
+    exit_code = 74  # EX_IOERR
+
+    def __init__(self, exc: OSError, *, path: Path | str, what: str) -> None:
+        self.path = path
+        self.errno = exc.errno
+        cause = exc.strerror or str(exc)
+        if exc.errno is not None and exc.errno in errno.errorcode:
+            cause += f" ({errno.errorcode[exc.errno]})"
+        super().__init__(
+            f"{path}: cannot write {what}: {cause}; every part already on disk is kept: "
+            "free space (or fix the disk) and rerun the same command to finish the job"
+        )
+
+
 class RequestError(PromptmillError):
     """One request failed. ``row_id`` is set by the runner once it is known."""
 
@@ -143,3 +176,11 @@ class APIConnectionError(RequestError):
 
 class ResponseError(RequestError):
     """A 2xx answer that cannot be used: unparseable, wrong shape, or a stream cut off."""
+
+
+class BadValueError(ResponseError):
+    """A 2xx answer holding a value no output column can hold; retrying would pay for it again."""
+
+    def __init__(self, message: str, **kw: object) -> None:
+        kw.setdefault("code", "bad_response")
+        super().__init__(message, **kw)  # type: ignore[arg-type]

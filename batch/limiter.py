@@ -492,6 +492,20 @@ class Limiter:
                 cap = self._max_tokens / self._tok_rate
                 self._tok_credit = min(cap, self._tok_credit + refund / self._tok_rate)
 
+    @property
+    def free(self) -> bool:
+        """No limit, pause or budget of any kind holds requests back now (the fast path)."""
+        return self._free
+
+    def blocked_for(self) -> float:
+        """Seconds until the server lets requests go again: a pause it asked for (a 429's
+        Retry-After or reset) or the reset of a budget its headers say is spent; 0 if none."""
+        if self._free:
+            return 0.0
+        now = self._clock()
+        until = max(self._paused_until, self._hdr_req.hold_until(now, 1), self._hdr_tok.hold_until(now, 1))
+        return max(0.0, until - now)
+
     # ------------------------------------------------------------------ feedback
 
     def on_response(self, headers: Mapping[str, str], reservation: Reservation | None = None) -> None:

@@ -54,6 +54,15 @@ _FEW_FOR_PYTHON = 65_536
 _FEW = 5
 
 
+def _bad_id(value: Any) -> str | None:
+    """Why a JSON id value cannot be an id (a boolean, list or object), else ``None``."""
+    if isinstance(value, bool | list | dict):
+        shown = orjson.dumps(value).decode()
+        shown = shown if len(shown) <= 40 else shown[:39] + "…"
+        return f"an id must be a string or a number, not {type(value).__name__} {shown}"
+    return None
+
+
 def row_error(row: Row) -> str | None:
     """The message of an error row (``on_bad_line = "fail_row"``), else ``None``."""
     if row.prompt is None and row.messages is None:
@@ -247,6 +256,10 @@ class InputReader:
             raise self._error("the input has no rows")
         self._check_columns(list(schema.names))
         spec = self.spec
+        if self.id_column is not None:
+            t = schema.field(self.id_column).type
+            if pa.types.is_boolean(t) or pa.types.is_nested(t):
+                raise self._error(f"an id must be a string or a number, not {t}", 1, self.id_column)
         if self.mode == "prompt" and not _is_text(schema.field(spec.prompt_column).type):
             raise self._error(
                 f"the prompt column must hold strings, not {schema.field(spec.prompt_column).type}",
@@ -403,6 +416,10 @@ class InputReader:
                     if self.fail_rows:
                         continue
                     raise self._error("missing or null id", lineno, column)
+                if type(value) is not str and (bad := _bad_id(value)) is not None:
+                    if self.fail_rows:
+                        continue
+                    raise self._error(bad, lineno, column)
                 yield lineno, value if type(value) is str else str(value)
 
     def _jsonl_id_hashes(self, column: str) -> array[int]:
@@ -633,6 +650,8 @@ class InputReader:
                         value = obj.get(id_column)
                         if value is None:
                             problem = _RowProblem("missing or null id", id_column)
+                        elif type(value) is not str and (bad := _bad_id(value)) is not None:
+                            problem = _RowProblem(bad, id_column)
                         else:
                             row_id = value if type(value) is str else str(value)
                     if problem is None:

@@ -4,7 +4,8 @@
 
     retry   408, 409, 425, 429 (not a spent quota), 5xx, connection errors and
             timeouts, cut-off streams and unparseable bodies (ResponseError)
-    fail    any other 4xx (400, 404, 413, 422, ...): the row fails, the job goes on
+    fail    any other 4xx (400, 404, 413, 422, ...), and a 2xx holding a value no
+            column can hold (BadValueError): the row fails, the job goes on
     fatal   401, 402, 403, and a 429 whose code says the quota or balance is spent
             (OpenAI's ``insufficient_quota``): the job stops
 
@@ -47,7 +48,13 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_aft
 from tenacity.stop import stop_base
 from tenacity.wait import wait_base
 
-from batch.errors import APIConnectionError, APIStatusError, RequestError, ResponseError
+from batch.errors import (
+    APIConnectionError,
+    APIStatusError,
+    BadValueError,
+    RequestError,
+    ResponseError,
+)
 
 if TYPE_CHECKING:
     from batch.limiter import Limiter
@@ -72,6 +79,8 @@ def classify(exc: BaseException) -> Outcome:
     Anything that is not a :class:`RequestError` is a bug, not a server answer,
     and is ``"fatal"``.
     """
+    if isinstance(exc, BadValueError):
+        return "fail"  # a value no column can hold: the same answer again would be paid again
     if isinstance(exc, APIConnectionError):
         # A certificate that does not verify fails every request to that server the same way.
         return "fatal" if exc.code == "certificate_verify_failed" else "retry"
@@ -143,6 +152,8 @@ class RetrySettings:
     max_wait_s: float = 60.0
     row_budget_s: float = 900.0
     jitter: bool = True
+    # a wait past this stops the job (the runner says so): no "retrying in" line for it
+    outage_s: float = math.inf
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
@@ -211,6 +222,7 @@ class RetryPolicy:
         self.settings = settings
         self._sleep = sleep
         self._clock = clock
+        self._limiter = limiter
         self._wait = _Wait(settings, rng or random.Random(), paced_429=limiter is not None)
 
     async def call(self, attempt: Callable[[], Awaitable[T]], *, row_id: str) -> tuple[T, int]:
@@ -243,9 +255,15 @@ class RetryPolicy:
                 raise failed
             return await attempt()
 
+        limiter = self._limiter
+
         def log_retry(state: RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
             wait = state.next_action.sleep if state.next_action else 0.0
+            if limiter is not None and isinstance(exc, RequestError) and exc.http_status == 429:
+                wait += limiter.blocked_for()  # the pause every worker waits out in the limiter: the real wait
+            if wait > self.settings.outage_s:
+                return  # not a wait that will be taken: the job stops, and says so
             logger.warning(
                 "row %s: attempt %d failed (%s), retrying in %.2f s",
                 row_id,

@@ -14,6 +14,9 @@ Stopping:
 * so does an outage: no request has succeeded for ``retry.outage_s`` and the last
   rows (at least twice the concurrency) all failed in ways that are retried
   (connection errors, timeouts, 5xx; not 429, which the limiter waits out);
+* an input whose size or modification time changed since the start (checked as each
+  batch is read) stops feeding; requests in flight finish, and :class:`InputChanged`
+  is raised (an :class:`InputError` when nothing was sent yet);
 * the first SIGINT or SIGTERM stops feeding, lets requests in flight finish
   within ``grace_s``, then flushes and assembles; a second signal cancels at once,
   still keeping every finished row.
@@ -21,12 +24,15 @@ Stopping:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -35,6 +41,7 @@ from urllib.parse import urlsplit
 import anyio
 import anyio.lowlevel
 import httpx
+import msgspec
 import orjson
 import pyarrow as pa
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
@@ -44,19 +51,22 @@ from batch import writer as out
 from batch.client import Client, Reply, Timeouts
 from batch.errors import (
     APIConnectionError,
+    DiskError,
+    InputChanged,
+    InputError,
     JobStopped,
     OutputError,
     PromptmillError,
     RequestError,
     UsageError,
 )
-from batch.limiter import Limiter, answer_tokens
+from batch.limiter import Limiter, _has_rate_headers, answer_tokens
 from batch.pricing import Price, PriceTable
 from batch.progress import Progress
 from batch.prompts import RequestBuilder
 from batch.reader import InputReader, row_error
 from batch.records import Request, Result, Row
-from batch.retry import RetryPolicy, RetrySettings, classify
+from batch.retry import RetryPolicy, RetrySettings, classify, retry_after
 from batch.spec import JobSpec, is_loopback
 from batch.summary import Summary
 
@@ -149,8 +159,11 @@ class _Job:
     """The state of one running job, shared by its tasks."""
 
     def __init__(self, spec: JobSpec, opts: RunOptions, writer: out.PartWriter, summary: Summary,
-                 index: out.ResumeIndex, progress: Progress) -> None:
+                 index: out.ResumeIndex, progress: Progress, secret: str | None = None,
+                 input_seen: os.stat_result | None = None) -> None:
         self.spec = spec
+        # the API key: redacted from every text a server sent before it is stored or counted
+        self.secret = secret if secret and len(secret) >= 4 else None
         self.opts = opts
         self.writer = writer
         self.summary = summary
@@ -166,6 +179,10 @@ class _Job:
         self.stopping = False
         self.told: set[str] = set()  # failure codes already logged once
         self.outage_s = spec.retry.outage_s
+        self.max_wait_s = spec.retry.max_wait_s
+        self.wait_end = -float("inf")  # when the longest wait the server asked for ends (opts.clock)
+        self.wait_told = 0.0
+        self.wait_step = max(spec.retry.max_wait_s, 1.0)
         self.down_after = max(10, 2 * spec.limits.concurrency)
         self.down_rows = 0  # rows failed in a row, in ways that are retried (an outage when it lasts)
         self.last_ok = opts.clock()
@@ -176,13 +193,18 @@ class _Job:
         self.unflushed = 0
         self.max_at_risk = spec.limits.concurrency + self.flush_rows
         self.flushed = anyio.Event()
-        self.fatal: JobStopped | None = None
+        self.fatal: PromptmillError | None = None
+        self.sent = 0  # rows handed to the client (sent at least once)
+        seen = os.stat(spec.input.path) if input_seen is None else input_seen
+        self.input_seen: tuple[int, int] = (seen.st_size, seen.st_mtime_ns)
         self.feed_scope = anyio.CancelScope()
         self.workers_scope = anyio.CancelScope()
 
     # -- results -------------------------------------------------------------
 
     def record(self, result: Result) -> None:
+        if self.secret is not None:
+            result = _redacted(result, self.secret)
         self.writer.add(result)
         self.summary.add(result)
         self.progress.update(result.status == "ok")
@@ -197,10 +219,44 @@ class _Job:
             endpoint=self.endpoint, status="failed", error_code=code, error=message,
         ))
 
-    def stop_now(self, exc: RequestError, message: str | None = None) -> None:
+    def check_wait(self, seconds: float, exc: RequestError | None, what: str) -> None:
+        """A wait the server asked for: beyond ``retry.max_wait_s`` it is announced in one line
+        (then logged as it goes, see :meth:`tell_waiting`); beyond ``retry.outage_s`` the job stops."""
+        if seconds <= self.max_wait_s:
+            return
+        retry = self.spec.retry
+        when = (datetime.now(UTC) + timedelta(seconds=seconds)).strftime("%Y-%m-%d %H:%M:%S UTC")
+        if seconds > self.outage_s:
+            self.stop_now(exc, (
+                f"the server asked to wait {_span(seconds)} ({what}, until {when}), past retry.outage_s "
+                f"({retry.outage_s:g} s): stopping; rows already finished are kept, rerun the same command "
+                f"after {when}"
+            ))
+            return
+        end = self.opts.clock() + seconds
+        if end <= self.wait_end + 1.0:
+            return  # the same wait, already announced
+        self.wait_end = end
+        self.wait_told = self.opts.clock()
+        log.warning(
+            "the server asked to wait %s (%s, until %s), longer than retry.max_wait_s (%g s): waiting for it, "
+            "with a line every %g s; a wait past retry.outage_s (%g s) would stop the job",
+            _span(seconds), what, when, retry.max_wait_s, self.wait_step, retry.outage_s,
+        )
+
+    def tell_waiting(self) -> None:
+        """During a long wait the server asked for, one line every ``wait_step`` seconds."""
+        now = self.opts.clock()
+        if now >= self.wait_end or now - self.wait_told < self.wait_step:
+            return
+        self.wait_told = now
+        log.warning("still waiting for the server: %s left", _span(self.wait_end - now))
+
+    def stop_now(self, exc: RequestError | None, message: str | None = None) -> None:
         """A fatal answer: every further request would fail the same way, so stop all of them."""
         if self.fatal is None:
-            self.fatal = JobStopped(message or _fatal_message(exc), cause=exc)
+            assert exc is not None or message is not None
+            self.fatal = JobStopped(message or _fatal_message(exc), cause=exc)  # type: ignore[arg-type]
             self.summary.stopped = str(self.fatal)
         self.stopping = True
         self.feed_scope.cancel()
@@ -220,7 +276,7 @@ class _Job:
         index = self.index
         handed = 0
         while not self.stopping:
-            batch = await anyio.to_thread.run_sync(next, batches, None)
+            batch = await anyio.to_thread.run_sync(self._next_batch, batches)
             if batch is None:
                 return
             skipped = 0
@@ -249,6 +305,43 @@ class _Job:
                 self.summary.rows_skipped += skipped
                 self.progress.skip(skipped)
 
+    def _next_batch(self, batches: Iterator[list[Row]]) -> list[Row] | None:
+        """The next batch of rows, or None at the end; stops the job if the input changed meanwhile."""
+        try:
+            batch = next(batches, None)
+        except PromptmillError:
+            if self._input_changed() is None:
+                raise
+            batch = None
+        change = self._input_changed()
+        if change is None:
+            return batch
+        path = self.spec.input.path
+        if self.sent == 0:
+            self.fatal = InputError(f"the input changed while the job read it ({change}); nothing was sent: "
+                                    "rerun once it is complete", path=path)
+        else:
+            self.fatal = InputChanged(
+                f"{path}: the input changed while the job ran ({change}): stopping; {self.sent:,} requests "
+                "were sent and every finished row is kept; rerun the same command once the input is final"
+            )
+        self.summary.stopped = str(self.fatal)
+        self.stopping = True  # workers finish what is in flight and take no more
+        return None
+
+    def _input_changed(self) -> str | None:
+        """How the input's size or modification time differs from what the job saw at start, if it does."""
+        try:
+            now = os.stat(self.spec.input.path)
+        except OSError as exc:
+            return f"it is gone: {exc.strerror}"
+        size, mtime = self.input_seen
+        if now.st_size != size:
+            return f"{size:,} bytes at start, now {now.st_size:,}"
+        if now.st_mtime_ns != mtime:
+            return "modified since the job started"
+        return None
+
     async def work(self, receive: MemoryObjectReceiveStream[Request], client: Client,
                    limiter: Limiter, policy: RetryPolicy) -> None:
         clock = self.opts.clock
@@ -269,6 +362,7 @@ class _Job:
                 if self.stopping:
                     break
                 started = clock()
+                self.sent += 1
                 self.in_flight += 1
                 try:
                     reply, attempts = await policy.call(
@@ -307,8 +401,7 @@ class _Job:
         ))
         return True
 
-    @staticmethod
-    async def _attempt(request: Request, client: Client, limiter: Limiter) -> Reply:
+    async def _attempt(self, request: Request, client: Client, limiter: Limiter) -> Reply:
         """One attempt at one row: wait for the rate budget, send, tell the limiter how it went."""
         body = request.body
         # what a server charges at admission: the prompt plus every token the answer may take
@@ -320,12 +413,19 @@ class _Job:
             limiter.release(reservation)
             raise
         except RequestError as exc:
+            asked = retry_after(exc.headers) if exc.headers else None
             if exc.http_status == 429:
-                limiter.on_rate_limited(exc.headers, reservation)
+                pause = limiter.on_rate_limited(exc.headers, reservation)
+                if asked is not None or _has_rate_headers(exc.headers):
+                    self.check_wait(pause, exc, "Retry-After" if asked is not None else "x-ratelimit-reset")
             else:
                 limiter.settle(reservation, None)
+                if asked is not None and classify(exc) == "retry":
+                    self.check_wait(asked, exc, "Retry-After")
             raise
         limiter.on_response(reply.headers, reservation)
+        if not limiter.free and (blocked := limiter.blocked_for()) > self.max_wait_s:
+            self.check_wait(blocked, None, "x-ratelimit-reset")
         usage = reply.completion.usage
         # settle against the real prompt size; the answer's share stays reserved as the server counts it
         limiter.settle(reservation, reserve - request.est_prompt_tokens + usage.prompt_tokens if usage else None)
@@ -374,8 +474,12 @@ class _Job:
                 await self.flush_due.wait()
             self.flush_due = anyio.Event()
             await self.flush()
+            self.tell_waiting()
 
     async def flush(self) -> None:
+        if self.writer.unwritten:  # kept by a disk error: the first to try again
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self.writer.write_unwritten)
         table = self.writer.take()
         if table is not None:
             # shielded: a cancel must not lose a part half-way through its write
@@ -384,6 +488,20 @@ class _Job:
             self.unflushed -= table.num_rows
             self.flushed.set()
             self.flushed = anyio.Event()
+
+
+_SERVER_TEXT = ("text", "finish_reason", "error_code", "error", "response_id", "system_fingerprint")
+
+
+def _redacted(result: Result, secret: str) -> Result:
+    """``result`` with the exact key replaced by ``[redacted]`` in every text a server sent
+    (a server echoing the prompt's headers or the key back in its answer)."""
+    changes = {
+        name: value.replace(secret, "[redacted]")
+        for name in _SERVER_TEXT
+        if isinstance(value := getattr(result, name), str) and secret in value
+    }
+    return msgspec.structs.replace(result, **changes) if changes else result
 
 
 def _first_promptmill_error(group: BaseExceptionGroup[BaseException]) -> PromptmillError | None:
@@ -417,6 +535,15 @@ def _release_memory() -> None:
     pa.default_memory_pool().release_unused()
 
 
+def _span(seconds: float) -> str:
+    """A wait as a person reads it: ``86,400 s (24.0 h)``."""
+    if seconds >= 3600:
+        return f"{seconds:,.0f} s ({seconds / 3600:.1f} h)"
+    if seconds >= 120:
+        return f"{seconds:,.0f} s ({seconds / 60:.1f} min)"
+    return f"{seconds:.1f} s"
+
+
 def _fatal_message(exc: RequestError) -> str:
     what = {401: "the API key was refused (401)", 402: "payment required (402): the balance is spent",
             403: "access forbidden (403)"}.get(exc.http_status or 0, f"the quota is spent ({exc.http_status}, {exc.code})")
@@ -430,7 +557,13 @@ async def run_job(spec: JobSpec, opts: RunOptions | None = None) -> Summary:
     api_key = check_api(spec)
     _base_url(spec, opts)  # refuse "simulator" with none started before anything is written
     output = spec.output_path()
+    out.check_not_input(output, Path(spec.input.path))
     out.check_output_writable(output)
+    out.check_output_ours(output)
+    try:
+        input_seen = os.stat(spec.input.path)  # before it is read: a change from now on stops the job
+    except OSError:
+        input_seen = None  # the reader says what is wrong with it
     reader = InputReader(spec.input)
     reader.check()
     _release_memory()
@@ -460,7 +593,7 @@ async def run_job(spec: JobSpec, opts: RunOptions | None = None) -> Summary:
             log.info("resuming: %s rows of an earlier run are done and will be skipped", f"{len(index):,}")
         writer = out.PartWriter(output, schema, out.next_run_number(output))
         progress = Progress(getattr(reader, "num_rows", None), enabled=opts.progress)
-        job = _Job(spec, opts, writer, summary, index, progress)
+        job = _Job(spec, opts, writer, summary, index, progress, api_key, input_seen)
         try:
             await _run(job, reader, builder, api_key)
         except ExceptionGroup as group:
@@ -473,15 +606,66 @@ async def run_job(spec: JobSpec, opts: RunOptions | None = None) -> Summary:
             progress.close()
             summary.rows_failed_kept = index.failed_skipped
             summary.wall_s = opts.clock() - wall_start
-            await job.flush()
-            _release_memory()  # what the run's buffers held, before the merge needs its own
-            await anyio.to_thread.run_sync(out.assemble, output, schema)
-            summary.write_json(output.with_name(output.name + ".summary.json"))
+            with _signals_held(job):
+                await _finish(job, output, schema)
         # while the lock is held: a run starting now must not see the folder vanish under it
         out.remove_parts_dir(output)
     finally:
         lock.release()
     return summary
+
+
+@contextlib.contextmanager
+def _signals_held(job: _Job) -> Iterator[None]:
+    """SIGINT and SIGTERM while the output is assembled: noted, not obeyed until it is done.
+
+    The assembly is short and already safe to kill, but a kill would leave no summary
+    and the exit code of a kill; noted, the job ends as it would after a first signal.
+    """
+    if not job.opts.handle_signals or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def note(signum: int, frame: object) -> None:
+        name = signal.Signals(signum).name
+        if job.opts.exit_signal is None:
+            job.opts.exit_signal = signum
+            job.summary.stopped = f"{name} received"
+        log.warning("%s: finishing the output first (it is nearly done), then stopping", name)
+
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {signum: signal.signal(signum, note) for signum in held}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+async def _finish(job: _Job, output: Path, schema: pa.Schema) -> None:
+    """Flush what is left, assemble the output, write the summary; a disk error in any of
+    them stops the rest of what needs the disk (never the parts on it) and is raised last."""
+    summary = job.summary
+    failed: DiskError | None = None
+    try:
+        await job.flush()
+        _release_memory()  # what the run's buffers held, before the merge needs its own
+        await anyio.to_thread.run_sync(out.assemble, output, schema)
+    except DiskError as exc:
+        failed = exc
+        summary.stopped = str(exc)
+    path = output.with_name(output.name + ".summary.json")
+    try:
+        summary.write_json(path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            path.with_name(f".{path.name}.tmp").unlink()
+        failed = failed or DiskError(exc, path=path, what="the summary")
+    if failed is not None:
+        if not summary.stopped:
+            summary.stopped = str(failed)
+        log.debug("rows not on disk: %d", len(job.writer) + sum(t.num_rows for t in job.writer.unwritten))
+        raise failed
 
 
 async def _run(job: _Job, reader: InputReader, builder: RequestBuilder, api_key: str | None) -> None:
@@ -491,13 +675,15 @@ async def _run(job: _Job, reader: InputReader, builder: RequestBuilder, api_key:
         connect=spec.api.connect_timeout_s, read=spec.api.read_timeout_s,
         write=spec.api.write_timeout_s, total=spec.api.request_timeout_s,
     )
-    limiter = Limiter(spec.limits.rpm, spec.limits.tpm, clock=time.monotonic, sleep=opts.sleep)
+    limiter = Limiter(spec.limits.rpm, spec.limits.tpm, clock=opts.clock, sleep=opts.sleep)
     policy = RetryPolicy(
         RetrySettings(
             max_attempts=spec.retry.max_attempts, initial_wait_s=spec.retry.initial_wait_s,
             max_wait_s=spec.retry.max_wait_s, row_budget_s=spec.retry.row_budget_s,
+            outage_s=spec.retry.outage_s,
         ),
         sleep=opts.sleep,
+        clock=opts.clock,
         limiter=limiter,
     )
     base_url = _base_url(spec, opts)

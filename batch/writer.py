@@ -45,7 +45,7 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
-from batch.errors import OutputError
+from batch.errors import DiskError, OutputError
 from batch.reader import hashes_repeat, read_parquet_columns
 from batch.records import Result
 
@@ -55,11 +55,15 @@ __all__ = [
     "PartWriter",
     "ResumeIndex",
     "assemble",
+    "check_not_input",
+    "check_output_ours",
     "check_output_writable",
     "discard_progress",
+    "is_promptmill_output",
     "load_index",
     "next_run_number",
     "output_schema",
+    "output_target",
     "parts_dir",
     "read_job_identity",
     "remove_parts_dir",
@@ -109,6 +113,10 @@ _NO_DICTIONARY = frozenset({"id", "text", "response_id", "request_fingerprint", 
 _KEY_SEP = "\x1f"
 _PART_RE = re.compile(r"^run-(\d{4,})-part-(\d{6,})\.(?:arrow|parquet)$")
 _IPC_OPTIONS = ipc.IpcWriteOptions(compression="zstd")
+# what building a column raises for a value it cannot hold (an int beyond 64 bits, a lone surrogate)
+_UNSTORABLE = (pa.ArrowException, OverflowError, TypeError, ValueError, UnicodeError)
+# the columns a row written failed for an unstorable value keeps
+_KEPT_ON_FAILURE = frozenset({"model", "endpoint", "attempts", "latency_s", "request_fingerprint"})
 
 
 def output_schema(passthrough: pa.Schema, metadata: Mapping[bytes, bytes] | None = None) -> pa.Schema:
@@ -119,6 +127,43 @@ def output_schema(passthrough: pa.Schema, metadata: Mapping[bytes, bytes] | None
 
 def parts_dir(output: Path) -> Path:
     return output.with_name(output.name + ".parts")
+
+
+def check_not_input(output: Path, inp: Path) -> None:
+    """Refuse an output that is the input file, after links and in any spelling, whatever the flags."""
+    same = os.path.realpath(output) == os.path.realpath(inp)
+    if not same:
+        with contextlib.suppress(OSError):
+            same = output.exists() and os.path.samefile(output, inp)
+    if same:
+        raise OutputError(
+            f"the output is the input file {inp}: promptmill never writes its input; choose another output",
+            path=output,
+        )
+
+
+def output_target(output: Path) -> Path:
+    """Where the output's bytes go: through a symbolic link to its target, never replacing the link."""
+    return Path(os.path.realpath(output)) if output.is_symlink() else output
+
+
+def is_promptmill_output(output: Path) -> bool:
+    """Whether the file at ``output`` is a Parquet file carrying promptmill's metadata."""
+    try:
+        meta = pq.read_schema(output).metadata or {}
+    except (OSError, pa.ArrowException, ValueError):
+        return False
+    return METADATA_KEY in meta
+
+
+def check_output_ours(output: Path) -> None:
+    """Refuse to read, replace or mix with an existing file promptmill did not write (``--fresh`` included)."""
+    if output.is_file() and not is_promptmill_output(output):
+        raise OutputError(
+            "a file that promptmill did not write is in the way (no promptmill metadata); it is never "
+            "replaced, not even with --fresh: move it away or choose another output",
+            path=output,
+        )
 
 
 def check_output_writable(output: Path) -> None:
@@ -203,12 +248,17 @@ def _fsync_dir(folder: Path) -> None:
 def _write_atomically(table: pa.Table, path: Path) -> None:
     """A part: an Arrow IPC file, written under a temporary name, fsynced and renamed."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        with ipc.new_file(fh, table.schema, options=_IPC_OPTIONS) as writer:
-            writer.write_table(table)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            with ipc.new_file(fh, table.schema, options=_IPC_OPTIONS) as writer:
+                writer.write_table(table)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()  # half a part takes space and is never read: gone
+        raise
     _fsync_dir(path.parent)
 
 
@@ -276,7 +326,8 @@ def discard_progress(output: Path) -> None:
         p.unlink(missing_ok=True)
     with contextlib.suppress(FileNotFoundError):
         (folder / "job.json").unlink()
-    output.unlink(missing_ok=True)
+    check_output_ours(output)
+    output_target(output).unlink(missing_ok=True)
 
 
 class PartWriter:
@@ -291,6 +342,7 @@ class PartWriter:
         self._passthrough = [f.name for f in schema if f.name != "id" and f.name not in _RESULT_NAMES]
         self._part = 0
         self.rows_flushed = 0
+        self.unwritten: list[pa.Table] = []
         self._reset()
 
     def _reset(self) -> None:
@@ -312,26 +364,81 @@ class PartWriter:
         cols["request_fingerprint"].append(result.fingerprint)
 
     def take(self) -> pa.Table | None:
-        """Swap out the buffer as a table (on the event loop), to be written by :meth:`write`."""
+        """Swap out the buffer as a table (on the event loop), to be written by :meth:`write`.
+
+        A row holding a value its column cannot store (the client checks answers
+        where they enter; this is the second line of defence) is written failed
+        with the reason, and every other row of the part is kept.
+        """
         if not self._ids:
             return None
-        arrays = [pa.array(self._ids, pa.string())]
-        arrays += [pa.array(self._pass[f.name], f.type) for f in self.schema if f.name in self._pass]
-        arrays += [pa.array(self._cols[f.name], f.type) for f in RESULT_FIELDS]
-        table = pa.Table.from_arrays(arrays, schema=self.schema)
+        try:
+            table = self._table()
+        except _UNSTORABLE:
+            self._fail_unstorable_rows()
+            table = self._table()
         self._reset()
         return table
 
+    def _table(self) -> pa.Table:
+        arrays = [pa.array(self._ids, pa.string())]
+        arrays += [pa.array(self._pass[f.name], f.type) for f in self.schema if f.name in self._pass]
+        arrays += [pa.array(self._cols[f.name], f.type) for f in RESULT_FIELDS]
+        return pa.Table.from_arrays(arrays, schema=self.schema)
+
+    def _fail_unstorable_rows(self) -> None:
+        """Find each row a column refuses; keep its id, pass-through values and key, fail the rest."""
+        types = {f.name: f.type for f in self.schema}
+        for i in range(len(self._ids)):
+            bad = None
+            for name, col in (("id", self._ids), *self._pass.items(), *self._cols.items()):
+                try:
+                    pa.array([col[i]], types[name])
+                except _UNSTORABLE as exc:
+                    bad = (name, col[i], type(exc).__name__)
+                    break
+            if bad is None:
+                continue
+            name, value, why = bad
+            shown = repr(value)
+            shown = shown if len(shown) <= 80 else shown[:79] + "…"
+            reason = f"the answer could not be stored: column '{name}' cannot hold {shown} ({why})"
+            log.warning("row %s: %s; written as failed", self._ids[i] if name != "id" else f"#{i}", reason)
+            if name == "id":
+                self._ids[i] = f"<unstorable id {i}>"
+            for pname, col in self._pass.items():
+                try:
+                    pa.array([col[i]], types[pname])
+                except _UNSTORABLE:
+                    col[i] = None
+            cols = self._cols
+            for cname in _RESULT_NAMES:
+                if cname not in _KEPT_ON_FAILURE:
+                    cols[cname][i] = None
+            cols["status"][i] = "failed"
+            cols["error_code"][i] = "bad_response"
+            cols["error"][i] = reason
+
     def write(self, table: pa.Table) -> Path:
-        """Write one part durably (safe to call from a worker thread)."""
+        """Write one part durably (safe to call from a worker thread).
+
+        On a disk error the table is kept (:attr:`unwritten`) for a later call
+        to try again, and :class:`DiskError` names the part and the cause.
+        """
         self._part += 1
         path = self._folder / f"run-{self.run:04d}-part-{self._part:06d}.arrow"
         try:
             _write_atomically(table, path)
         except OSError as exc:
-            raise OutputError(f"cannot save progress: {exc.strerror or exc}", path=path) from None
+            self.unwritten.append(table)
+            raise DiskError(exc, path=path, what="a part of progress") from None
         self.rows_flushed += table.num_rows
         return path
+
+    def write_unwritten(self) -> None:
+        """Try again the parts a disk error kept from being written."""
+        while self.unwritten:
+            self.write(self.unwritten.pop(0))
 
     def flush(self) -> None:
         table = self.take()
@@ -525,7 +632,23 @@ def assemble(output: Path, schema: pa.Schema) -> int:
         pa.default_memory_pool().release_unused()
     else:
         offsets = [0] * (len(sources) + 1)  # row positions matter only with a mask
-    tmp = output.with_name(f".{output.name}.tmp")
+    target = output_target(output)
+    tmp = target.with_name(f".{target.name}.tmp")
+    try:
+        total = _merge(sources, offsets, mask, schema, tmp)
+        os.replace(tmp, target)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise DiskError(exc, path=target, what="the output") from None
+    _fsync_dir(target.parent)
+    for p in _part_files(output):
+        p.unlink(missing_ok=True)
+    return total
+
+
+def _merge(sources: list[Path], offsets: list[int], mask: pa.Array | None, schema: pa.Schema, tmp: Path) -> int:
+    """Write every source's rows (those ``mask`` keeps) to ``tmp`` as one Parquet file, fsynced."""
     total = 0
     with open(tmp, "wb") as fh:
         dictionary = [name for name in schema.names if name not in _NO_DICTIONARY]
@@ -553,10 +676,6 @@ def assemble(output: Path, schema: pa.Schema) -> int:
             writer.close()
         fh.flush()
         os.fsync(fh.fileno())
-    os.replace(tmp, output)
-    _fsync_dir(output.parent)
-    for p in _part_files(output):
-        p.unlink(missing_ok=True)
     return total
 
 

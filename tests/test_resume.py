@@ -341,8 +341,13 @@ def test_a_parquet_file_without_our_columns_at_the_output_path_is_one_clear_line
     refused = run_cli(capsys, "run", write_job(tmp_path / "a.toml", sim, inp, outp), "--no-progress")
     assert refused.code == 2
     assert refused.err.strip().splitlines() == [
-        f"promptmill: {outp}: cannot read earlier progress (no column 'id'); rerun with --fresh to start over"
+        f"promptmill: {outp}: a file that promptmill did not write is in the way (no promptmill metadata); "
+        "it is never replaced, not even with --fresh: move it away or choose another output"
     ]
+    assert pq.read_table(outp).column_names == ["a"] and requests(sim) == 0
+    # --fresh does not replace it either
+    refused = run_cli(capsys, "run", tmp_path / "a.toml", "--no-progress", "--fresh")
+    assert refused.code == 2 and "not even with --fresh" in refused.err
     assert pq.read_table(outp).column_names == ["a"] and requests(sim) == 0
 
 

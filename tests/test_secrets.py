@@ -145,7 +145,7 @@ def test_key_in_a_custom_variable_is_kept_out_of_debug_logs(
 
     monkeypatch.setattr(batch.runner, "check_api", check_and_log)
     run = run_cli(capsys, "run", job, "--no-progress", "--debug")
-    assert "careless log line: key=***" in run.err
+    assert "careless log line: key=[redacted]" in run.err
     assert run.code in (0, 1), run.err
     assert pq.read_table(outp).num_rows == 10
     assert_nowhere(value, tmp_path, [run], skip={job, inp})

@@ -163,7 +163,7 @@ def test_job_identity_round_trips_through_parts_and_output_metadata(tmp_path: Pa
 
 def test_fresh_discards_parts_and_output(tmp_path: Path) -> None:
     output = tmp_path / "res.parquet"
-    schema = out.output_schema(PASS)
+    schema = out.output_schema(PASS, {out.METADATA_KEY: b"{}"})  # what every run writes: promptmill's metadata
     one_part(output, schema, result(0))
     out.assemble(output, schema)
     out.discard_progress(output)
@@ -197,3 +197,22 @@ def test_parquet_parts_of_an_earlier_version_are_still_resumed_and_assembled(tmp
     assert out.load_index(output).rows_ok == 2
     assert out.assemble(output, schema) == 2
     assert sorted(pq.read_table(output)["id"].to_pylist()) == ["r0", "r1"]
+
+
+def test_a_row_no_column_can_hold_is_written_failed_and_the_rest_of_its_part_kept(tmp_path: Path) -> None:
+    output = tmp_path / "out.parquet"
+    schema = out.output_schema(PASS)
+    w = out.PartWriter(output, schema, run=1)
+    w.add(result(0))
+    w.add(result(1, prompt_tokens=2**64 - 1, text="paid for"))
+    w.add(result(2, text="bad \ud800 text"))
+    w.add(result(3))
+    w.flush()
+    out.assemble(output, schema)
+    rows = {r["id"]: r for r in pq.read_table(output).to_pylist()}
+    assert [rows[f"r{i}"]["status"] for i in range(4)] == ["ok", "failed", "failed", "ok"]
+    assert rows["r1"]["error_code"] == "bad_response"
+    assert "column 'prompt_tokens' cannot hold 18446744073709551615" in rows["r1"]["error"]
+    assert rows["r1"]["topic"] == "t1" and rows["r1"]["request_fingerprint"] == "fp1"
+    assert "column 'text' cannot hold" in rows["r2"]["error"]
+    assert rows["r3"]["text"] == "answer 3"
