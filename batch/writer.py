@@ -45,6 +45,7 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
+from batch._startup import compute
 from batch.errors import OutputError
 from batch.reader import hashes_repeat, read_parquet_columns
 from batch.records import Result
@@ -395,7 +396,7 @@ def _source_batches(path: Path, columns: list[str] | None = None) -> Iterator[pa
 
 def _winners(all_rows: pa.Table) -> pa.Array:
     """A boolean mask: True where a row is the newest for its id."""
-    import pyarrow.compute as pc
+    pc = compute()
 
     n = all_rows.num_rows
     if n == 0:
@@ -451,7 +452,7 @@ def load_index(output: Path, *, include_failed: bool = False) -> ResumeIndex:
         return ResumeIndex(array("q"), 0, 0)
     # an assembled output alone holds each id once: only parts can repeat one
     latest = all_rows if sources == [output] else all_rows.filter(_winners(all_rows))
-    import pyarrow.compute as pc
+    pc = compute()
 
     ok = pc.fill_null(pc.equal(latest["status"], "ok"), False)
     rows_ok = pc.sum(ok).as_py() or 0
@@ -466,7 +467,7 @@ def load_index(output: Path, *, include_failed: bool = False) -> ResumeIndex:
 
 def _sorted_keys(keys: array[int]) -> array[int]:
     """Sort 64-bit keys in Arrow (a few times faster than ``sorted`` on a million)."""
-    import pyarrow.compute as pc
+    pc = compute()
 
     if not keys:
         return keys
