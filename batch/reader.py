@@ -95,7 +95,7 @@ def _check_messages(value: Any) -> list[dict[str, Any]]:
 
 
 def read_parquet_columns(path: Path | str, columns: list[str]) -> pa.Table:
-    """``columns`` of a Parquet file, without the dataset layer ``pq.read_table`` imports (~0.09 s).
+    """``columns`` of a Parquet file, without the dataset layer ``pq.read_table`` imports (slow to load).
 
     Raises ``pa.ArrowInvalid`` naming a missing column (``ParquetFile.read`` would skip it silently).
     """

@@ -15,8 +15,8 @@ written to a temporary name, fsynced and renamed, so a part on disk is always
 whole and a kill loses at most the rows in flight and in the buffer.
 
 Parts are Arrow IPC files (zstd-compressed buffers): as small on disk as Parquet
-parts, but written in 1.0 ms instead of 2.5 and read back in 0.55 ms instead of
-2.0 (a million-row job writes and merges thousands of them). Parquet parts of
+parts, but written and read back several times faster (README, Performance; a
+million-row job writes and merges thousands of them). Parquet parts of
 earlier versions are still read.
 
 At the end :func:`assemble` merges the previous output and every part into one
