@@ -66,6 +66,7 @@ import msgspec
 import orjson
 
 from batch.errors import JobFileError
+from batch.records import OUTPUT_COLUMNS
 
 __all__ = [
     "ApiSpec",
@@ -646,10 +647,7 @@ def _convert(data: Any, cls: type[_T], located: _Located, prefix: tuple[str, ...
 
 def _check_passthrough(names: tuple[str, ...], located: _Located) -> None:
     """Pass-through columns: each once, none a column promptmill writes itself."""
-    # imports pyarrow, which the run needs anyway
-    from batch.writer import RESULT_FIELDS
-
-    ours = {"id", *(f.name for f in RESULT_FIELDS)}
+    ours = {"id", *OUTPUT_COLUMNS}
     for i, name in enumerate(names):
         if name in names[:i]:
             raise located.error(f"'{name}' is listed twice", ("input", "passthrough"))
