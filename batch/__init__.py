@@ -1,30 +1,15 @@
 """promptmill: run large batches of LLM completions against an OpenAI-compatible API.
 
 The package face: load a job spec, run it, read its summary. Each stage lives in
-its own module (see the design): ``spec``, ``reader``, ``prompts``, ``limiter``,
-``client``, ``retry``, ``records``, ``writer``, ``pricing``, ``summary``,
-``runner``, ``cli`` and ``simulator``.
+its own module; the README's "How the code is laid out" lists them in pipeline order.
 """
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
+import importlib
 from typing import TYPE_CHECKING, Any
-
-# The package face is loaded on first use, so ``promptmill --help`` or ``simulate``
-# and a library user who needs one module do not pay for Arrow and httpx.
-_EXPORTS = {
-    **dict.fromkeys(
-        ("APIConnectionError", "APIStatusError", "InputError", "JobFileError", "JobStopped", "OutputError",
-         "PromptmillError", "RequestError", "ResponseError", "UsageError"),
-        "batch.errors",
-    ),
-    **dict.fromkeys(("Completion", "Request", "Result", "Row", "Usage"), "batch.records"),
-    **dict.fromkeys(("RunOptions", "run_job"), "batch.runner"),
-    **dict.fromkeys(("JobSpec", "load_job"), "batch.spec"),
-    "Summary": "batch.summary",
-}
 
 __all__ = [
     "APIConnectionError",
@@ -50,15 +35,22 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'batch' has no attribute {name!r}")
-    import importlib
+# The face loads a name's module on first use, not at import: loading them all
+# would add Arrow, httpx and anyio to every `promptmill --help`, `simulate` and
+# `import batch.errors` (the cost is in the README, Performance). The modules
+# that hold the names of __all__, cheapest first:
+_HOMES = ("batch.errors", "batch.records", "batch.spec", "batch.summary", "batch.runner")
 
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        for home in _HOMES:
+            module = importlib.import_module(home)
+            if name in module.__all__:
+                value = getattr(module, name)
+                globals()[name] = value
+                return value
+    raise AttributeError(f"module 'batch' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:

@@ -11,12 +11,13 @@ input or output (nothing sent); 3 stopped by a fatal server answer (401, 402,
 from __future__ import annotations
 
 import argparse
-import gc
 import logging
 import os
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
+
+from batch import _startup
 
 if TYPE_CHECKING:
     from batch.simulator import SimServer
@@ -115,44 +116,14 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {key: getattr(args, name) for name, key in _OVERRIDES.items() if getattr(args, name) is not None}
 
 
-def _skip_unused_modules() -> None:
-    """Keep optional parts of our dependencies that a job never uses from loading.
-
-    pyarrow's S3, GCS, HDFS and Azure filesystems (about 8 MB resident; a job
-    reads and writes local files) and httpx's own command line (click and its
-    friends): each treats a failed import of that part as "not installed", and
-    nothing else changes. Saves about 50 ms and 8 MB on every run.
-    """
-    names = ["httpx._main"] if "httpx" not in sys.modules else []
-    if "pyarrow.fs" not in sys.modules:
-        names += ["pyarrow._s3fs", "pyarrow._gcsfs", "pyarrow._hdfs", "pyarrow._azurefs"]
-    for name in names:
-        sys.modules.setdefault(name, None)  # type: ignore[arg-type]
-
-
 def _run(args: argparse.Namespace) -> int:
-    _skip_unused_modules()
-    # The imports below make a few hundred thousand long-lived objects: the cyclic
-    # collector would walk them over and over while they load (~30 ms), and again at
-    # every full collection during the job. Load them with it off, then freeze them
-    # (only in a fresh process: a caller's garbage must not be frozen with them).
-    fresh_process = "batch.runner" not in sys.modules
-    gc.disable()
-    try:
+    with _startup.tuned_process():
         import anyio
 
         from batch.errors import JobStopped
-        from batch.runner import RunOptions, run_job, use_lean_allocator
+        from batch.runner import RunOptions, run_job
         from batch.spec import load_job
         from batch.summary import Summary
-    finally:
-        if fresh_process:
-            gc.freeze()
-        gc.enable()
-    if fresh_process:
-        # every request makes and drops a few hundred objects: a young-generation pass
-        # every 700 allocations (the default) cost 5-10% of the CPU of a job
-        gc.set_threshold(20_000, 10, 10)
 
     spec = load_job(args.job, _overrides(args), check_simulator=_simulator_table_problem)
     _redact_also(os.environ.get(spec.api.api_key_env))  # a variable named by the job file only
@@ -162,13 +133,12 @@ def _run(args: argparse.Namespace) -> int:
         grace_s=args.grace_period,
         progress=False if args.no_progress else None,
     )
-    use_lean_allocator()
     code = 0
     summary: Summary | None
     simulator = _start_simulator(spec)
     opts.base_url = simulator.base_url if simulator is not None else None
     try:
-        summary = anyio.run(run_job, spec, opts, backend_options={"use_uvloop": _have_uvloop()})
+        summary = anyio.run(run_job, spec, opts, backend_options=_startup.event_loop_options())
     except JobStopped as exc:
         summary = opts.summary
         log.error("%s", exc)
@@ -199,14 +169,6 @@ def _start_simulator(spec: JobSpec) -> SimServer | None:
     from batch.simulator import SimServer, config_from_table
 
     return SimServer(config_from_table(spec.simulator or {})).start()
-
-
-def _have_uvloop() -> bool:
-    try:
-        import uvloop  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -283,13 +245,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 def entry() -> NoReturn:
     """The ``promptmill`` command and ``python -m batch``: :func:`main`, then exit at once.
 
-    By then every file is written, fsynced and closed; tearing down the
-    interpreter (Arrow, httpx, the event loop's worker threads) would only
-    add about 0.1 s to every run. An unexpected exception still exits the
-    usual way, with its traceback.
+    An unexpected exception still exits the usual way, with its traceback.
     """
-    code = main()
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    _startup.exit_at_once(main())

@@ -33,6 +33,7 @@ import orjson
 import pyarrow as pa  # type: ignore[import-untyped,unused-ignore]
 import pyarrow.parquet as pq  # type: ignore[import-untyped,unused-ignore]
 
+from batch._startup import compute
 from batch.errors import InputError
 from batch.records import Row
 from batch.spec import InputSpec
@@ -49,7 +50,7 @@ _JSONL_SUFFIXES = frozenset({".jsonl", ".ndjson", ".jsonlines", ".json"})
 _BOM = b"\xef\xbb\xbf"
 _ID_CHUNK = 65_536
 # up to this many values, plain Python does what pyarrow.compute would, and a
-# small job never loads pyarrow.compute (~65 ms and 13 MB at start-up)
+# small job never loads pyarrow.compute (see batch._startup.compute)
 _FEW_FOR_PYTHON = 65_536
 _FEW = 5
 
@@ -103,7 +104,7 @@ def _check_messages(value: Any) -> list[dict[str, Any]]:
 
 
 def read_parquet_columns(path: Path | str, columns: list[str]) -> pa.Table:
-    """``columns`` of a Parquet file, without the dataset layer ``pq.read_table`` imports (~0.09 s).
+    """``columns`` of a Parquet file, without the dataset layer ``pq.read_table`` imports (slow to load).
 
     Raises ``pa.ArrowInvalid`` naming a missing column (``ParquetFile.read`` would skip it silently).
     """
@@ -122,7 +123,7 @@ def hashes_repeat(hashes: array[int]) -> bool:
     """Whether two of these hashes are equal (a set when few, else sorted by Arrow: 16 bytes a hash at most)."""
     if len(hashes) < _FEW_FOR_PYTHON:
         return len(set(hashes)) != len(hashes)
-    import pyarrow.compute as pc
+    pc = compute()
 
     values = pa.Array.from_buffers(pa.int64(), len(hashes), [None, pa.py_buffer(hashes)])
     ordered = pc.take(values, pc.array_sort_indices(values))
@@ -389,7 +390,7 @@ class InputReader:
                 ids = rb.column(0)
                 if ids.null_count:
                     if not self.fail_rows:
-                        import pyarrow.compute as pc
+                        pc = compute()
 
                         first = pc.index(pc.is_null(ids), True).as_py()
                         raise self._error("null id", offset + first + 1, column)
@@ -426,7 +427,7 @@ class InputReader:
         return array("q", (hash(value) for _, value in self._jsonl_ids(column)))
 
     def _check_parquet_ids(self, column: str) -> None:
-        import pyarrow.compute as pc
+        pc = compute()
 
         try:
             ids = read_parquet_columns(self.path, [column]).column(0).combine_chunks()
@@ -463,7 +464,7 @@ class InputReader:
         self._report_duplicates(all_ids, all_lines, column, "line")
 
     def _report_duplicates(self, ids: pa.Array, lines: pa.Array | None, column: str, unit: str) -> None:
-        import pyarrow.compute as pc
+        pc = compute()
 
         counts = pc.value_counts(ids.drop_null())
         dups = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
@@ -513,7 +514,7 @@ class InputReader:
             for rb in self._pf.iter_batches(batch_size=65536, columns=columns, use_threads=False):
                 for name, arr in zip(rb.schema.names, rb.columns, strict=True):
                     if arr.null_count:
-                        import pyarrow.compute as pc
+                        pc = compute()
 
                         first = pc.index(arr.is_null(), True).as_py()
                         what = ("null id" if name == self.id_column else "null prompt" if self.mode == "prompt"
@@ -618,7 +619,7 @@ class InputReader:
 
     @staticmethod
     def _mark_nulls(arr: pa.Array, bad: dict[int, _RowProblem], problem: _RowProblem) -> None:
-        import pyarrow.compute as pc
+        pc = compute()
 
         for i in pc.indices_nonzero(arr.is_null()).to_pylist():
             bad.setdefault(i, problem)

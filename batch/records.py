@@ -1,7 +1,7 @@
 """Small frozen records that travel through the pipeline, one per row and stage.
 
 msgspec Structs, not dataclasses: a frozen dataclass sets each field through
-``object.__setattr__`` (a 24-field ``Result`` took 8.5 µs to make, against 1.1),
+``object.__setattr__`` (several times slower to make: README, Performance),
 and records that never hold a cycle need not be tracked by the cyclic collector.
 """
 
@@ -13,7 +13,16 @@ from typing import Any
 
 import msgspec
 
-__all__ = ["Completion", "Request", "Result", "Row", "Usage"]
+__all__ = ["OUTPUT_COLUMNS", "Completion", "Request", "Result", "Row", "Usage"]
+
+#: The columns promptmill writes for every row, in output order, after the id and
+#: the pass-through columns (their Arrow types are the writer's ``RESULT_FIELDS``).
+OUTPUT_COLUMNS = (
+    "model", "endpoint", "status", "text", "refusal", "finish_reason",
+    "prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens", "reasoning_tokens",
+    "cost_usd", "latency_s", "ttft_s", "attempts", "http_status", "error_code", "error",
+    "response_id", "created", "system_fingerprint", "request_fingerprint",
+)
 
 
 class Usage(msgspec.Struct, frozen=True, gc=False):

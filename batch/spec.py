@@ -65,6 +65,7 @@ import msgspec
 import orjson
 
 from batch.errors import JobFileError
+from batch.records import OUTPUT_COLUMNS
 from batch.spec_errors import (
     NOT_SHOWN,
     Key,
@@ -433,10 +434,7 @@ def _convert(data: Any, cls: type[_T], located: Located, prefix: Key = ()) -> _T
 
 def _check_passthrough(names: tuple[str, ...], located: Located) -> None:
     """Pass-through columns: each once, none a column promptmill writes itself."""
-    # imports pyarrow, which the run needs anyway
-    from batch.writer import RESULT_FIELDS
-
-    ours = {"id", *(f.name for f in RESULT_FIELDS)}
+    ours = {"id", *OUTPUT_COLUMNS}
     for i, name in enumerate(names):
         if name in names[:i]:
             raise located.error(f"'{name}' is listed twice", ("input", "passthrough"))

@@ -16,12 +16,13 @@ from typing import Any
 
 import pyarrow as pa
 
+from batch._startup import compute
 from batch.records import Result
 
 __all__ = ["ModelTotals", "Summary", "percentile", "percentiles"]
 
 # up to this many latencies a Python sort is as quick, and a small job never
-# loads pyarrow.compute (~65 ms and 13 MB)
+# loads pyarrow.compute (see batch._startup.compute)
 _FEW_FOR_PYTHON = 65_536
 
 
@@ -39,7 +40,7 @@ def percentiles(values: array[float], qs: tuple[float, ...]) -> list[float | Non
     if n <= _FEW_FOR_PYTHON:
         ordered = sorted(values)
         return [ordered[r - 1] for r in ranks]
-    import pyarrow.compute as pc
+    pc = compute()
 
     arr = pa.Array.from_buffers(pa.float64(), n, [None, pa.py_buffer(values)])
     # the nearest rank r is the value at sorted position r - 1: ask for exactly that position

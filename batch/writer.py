@@ -15,8 +15,8 @@ written to a temporary name, fsynced and renamed, so a part on disk is always
 whole and a kill loses at most the rows in flight and in the buffer.
 
 Parts are Arrow IPC files (zstd-compressed buffers): as small on disk as Parquet
-parts, but written in 1.0 ms instead of 2.5 and read back in 0.55 ms instead of
-2.0 (a million-row job writes and merges thousands of them). Parquet parts of
+parts, but written and read back several times faster (README, Performance; a
+million-row job writes and merges thousands of them). Parquet parts of
 earlier versions are still read.
 
 At the end :func:`assemble` merges the previous output and every part into one
@@ -45,6 +45,7 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
+from batch._startup import compute
 from batch.errors import DiskError, OutputError
 from batch.reader import hashes_repeat, read_parquet_columns
 from batch.records import Result
@@ -502,7 +503,7 @@ def _source_batches(path: Path, columns: list[str] | None = None) -> Iterator[pa
 
 def _winners(all_rows: pa.Table) -> pa.Array:
     """A boolean mask: True where a row is the newest for its id."""
-    import pyarrow.compute as pc
+    pc = compute()
 
     n = all_rows.num_rows
     if n == 0:
@@ -558,7 +559,7 @@ def load_index(output: Path, *, include_failed: bool = False) -> ResumeIndex:
         return ResumeIndex(array("q"), 0, 0)
     # an assembled output alone holds each id once: only parts can repeat one
     latest = all_rows if sources == [output] else all_rows.filter(_winners(all_rows))
-    import pyarrow.compute as pc
+    pc = compute()
 
     ok = pc.fill_null(pc.equal(latest["status"], "ok"), False)
     rows_ok = pc.sum(ok).as_py() or 0
@@ -573,7 +574,7 @@ def load_index(output: Path, *, include_failed: bool = False) -> ResumeIndex:
 
 def _sorted_keys(keys: array[int]) -> array[int]:
     """Sort 64-bit keys in Arrow (a few times faster than ``sorted`` on a million)."""
-    import pyarrow.compute as pc
+    pc = compute()
 
     if not keys:
         return keys
