@@ -94,7 +94,8 @@ def load(path: Path) -> ReportData:
     for name, rows in groups.items():
         if not rows:
             continue
-        v = Variant(name, _params(listed.get(name), columns.get("params"), rows, columns["model"], name))
+        v = Variant(name, _params(listed.get(name), columns.get("params"), rows, columns["model"], name,
+                                  (job.get("settings") or {}).get("request")))
         v.columns = {col: [values[i] for i in rows] for col, values in columns.items()}
         variants.append(v)
     if not variants:
@@ -106,8 +107,10 @@ def load(path: Path) -> ReportData:
     return ReportData(path, job, variants, str(baseline), [s[len(_SCORE_PREFIX):] for s in scores], time_column)
 
 
-def _params(listed: dict[str, Any] | None, params: list[Any] | None, rows: list[int], models: list[Any], name: str) -> dict[str, Any]:
-    """A variant's parameters: from the job's metadata, else its rows' ``params`` column, else its model."""
+def _params(listed: dict[str, Any] | None, params: list[Any] | None, rows: list[int], models: list[Any], name: str,
+            request: Any) -> dict[str, Any]:
+    """A variant's parameters: from the job's metadata, else its rows' ``params`` column, else its model
+    and the job's request settings."""
     if listed is not None and isinstance(listed.get("params"), dict):
         return dict(listed["params"])
     if params is not None and params[rows[0]]:
@@ -117,7 +120,9 @@ def _params(listed: dict[str, Any] | None, params: list[Any] | None, rows: list[
             found = None
         if isinstance(found, dict):
             return found
-    return {"model": models[rows[0]] if models[rows[0]] is not None else name}
+    model = models[rows[0]] if models[rows[0]] is not None else name
+    settings = request if isinstance(request, dict) else {}
+    return {"model": model, **{k: v for k, v in settings.items() if k != "model" and v not in (None, {}, [])}}
 
 
 # --- numbers ------------------------------------------------------------------

@@ -29,6 +29,8 @@ from batch.report import ReportData, Table, VariantSummary, job_facts, tables
 __all__ = ["PLOTS", "render_html"]
 
 _WIDTH_IN = 8.0
+_CURVE_POINTS = 400  # points of a rows-over-time line
+_CAUSES = 8  # failure causes named; the rest are "other"
 _CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:"
 _CSS = """
 body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; color: #1d1d1f;
@@ -181,7 +183,12 @@ def plot_failures(data: ReportData, summaries: list[VariantSummary]) -> str:
     counts = {v.name: Counter(_cause(c, h) for c, h, st in zip(v.column("error_code"), v.column("http_status"),
                                                                v.columns["status"], strict=True) if st != "ok")
               for v in data.variants}
-    causes = [c for c, _ in sum(counts.values(), Counter()).most_common()]
+    ranked = [c for c, _ in sum(counts.values(), Counter()).most_common()]
+    if len(ranked) > _CAUSES:  # the rarest causes in one bar segment
+        for counter in counts.values():
+            counter["other"] += sum(counter.pop(c, 0) for c in ranked[_CAUSES - 1:])
+        ranked = [*ranked[:_CAUSES - 1], "other"]
+    causes = ranked
     if not causes:
         _empty(ax, "no failed rows")
         return _svg(fig, "failures")
@@ -216,8 +223,10 @@ def plot_progress(data: ReportData, summaries: list[VariantSummary]) -> str:
     scale, unit = (60.0, "min") if span.total_seconds() > 600 else (1.0, "s")
     for name, ts in times.items():
         if ts:
-            xs = [(t - start).total_seconds() / scale for t in ts]
-            ax.step([0.0, *xs], range(len(xs) + 1), where="post", color=colors[name], lw=1.6, label=name)
+            # at most _CURVE_POINTS points per line, whatever the number of rows
+            picks = sorted({round(i * (len(ts) - 1) / (_CURVE_POINTS - 1)) for i in range(_CURVE_POINTS)})
+            xs = [(ts[i] - start).total_seconds() / scale for i in picks]
+            ax.step([0.0, *xs], [0, *(i + 1 for i in picks)], where="post", color=colors[name], lw=1.6, label=name)
     ax.set_xlabel(f"time since the first row finished ({unit}; from {column})")
     ax.set_ylabel("rows finished")
     ax.legend(fontsize=8, frameon=False)

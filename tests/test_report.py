@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import random
 import re
 import statistics
 import sys
 from collections import defaultdict
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from helpers import run_cli
-from sweep_output import BASELINE, VARIANTS, write_sweep_output
+from sweep_output import BASELINE, VARIANTS, sweep_rows, write_sweep_output
 
 import batch
 from batch.stats import mean_ci, paired_diff
@@ -219,3 +221,21 @@ def test_without_matplotlib_md_works_and_html_says_what_to_install(
     assert not out.with_name("sweep.report.html").exists()
     run = run_cli(capsys, "report", out, "--format", "md")
     assert run.code == 0 and "## Summary" in run.out
+
+
+@needs_matplotlib
+def test_html_size_does_not_grow_with_the_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    base = sweep_rows()
+    jitter = random.Random(0)
+    sizes = []
+    for copies in (100, 1000):  # 3,000 rows, then 30,000
+        # uneven finish times: a straight line would be simplified away by the plotting library anyway
+        rows = [{**r, "id": f"{r['id']}-{k}",
+                 "finished_at": r["finished_at"] + timedelta(seconds=k * 30 + jitter.uniform(0, 60))}
+                for k in range(copies) for r in base]
+        out = tmp_path / f"o{copies}.parquet"
+        write_sweep_output(out, rows, drop=("score_*",))  # scores only cost bootstrap time here
+        run = run_cli(capsys, "report", out, "-o", tmp_path / f"o{copies}.html")
+        assert run.code == 0, run.err
+        sizes.append((tmp_path / f"o{copies}.html").stat().st_size)
+    assert sizes[1] < 1.2 * sizes[0], sizes  # no plot draws a mark per row
