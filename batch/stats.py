@@ -22,7 +22,7 @@ the same interval, in a test and in a report rendered twice.
 - ``percentile``: linear interpolation between order statistics (numpy's default).
 
 NaN values (a failed row has no score) are left out everywhere. A bootstrap costs
-about resamples × clusters random draws: 2,000 × 5,000 rows is about a second.
+about resamples x clusters random draws: 2,000 resamples of 5,000 rows take about a second.
 """
 
 from __future__ import annotations
