@@ -183,6 +183,21 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from batch import report
+
+    text = report.render(Path(args.output), args.format)
+    dest = args.dest or (None if args.format == "md" else str(Path(args.output).with_suffix(".report.html")))
+    if dest is None or dest == "-":
+        sys.stdout.write(text)
+    else:
+        report.save(text, Path(dest))
+        log.info("report written to %s", dest)
+    return 0
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a mistake is one line (and exit code 2) like every other bad input."""
 
@@ -201,6 +216,15 @@ def _parser(command: str | None = "simulate") -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"promptmill {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_run_parser(sub)
+    rep = sub.add_parser("report", help="write a report of an output: tables and plots per variant",
+                         description="Write a self-contained report (HTML, or Markdown tables) of an output.")
+    rep.add_argument("output", help="a promptmill output (.parquet), sweep or not")
+    rep.add_argument("-o", dest="dest", metavar="PATH",
+                     help="where to write it ('-' for stdout; default: OUTPUT's name with .report.html, "
+                          "or stdout for --format md)")
+    rep.add_argument("--format", choices=["html", "md"], default="html", help="html (default) or md")
+    rep.add_argument("--debug", action="store_true", help="debug logging, and a traceback on errors")
+    rep.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sim = sub.add_parser("simulate", help="serve the built-in OpenAI-compatible simulator",
                          description="Serve the built-in OpenAI-compatible simulator on loopback.")
     sim.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
@@ -230,6 +254,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "simulate":
             return _simulate(args)
+        if args.command == "report":
+            return _report(args)
         return _run(args)
     except PromptmillError as exc:
         if args.debug:
