@@ -3,7 +3,7 @@
 The package face: load a job spec, run it, read its summary. Each stage lives in
 its own module (see the design): ``spec``, ``reader``, ``prompts``, ``limiter``,
 ``client``, ``retry``, ``records``, ``writer``, ``pricing``, ``summary``,
-``runner``, ``cli`` and ``simulator``.
+``runner``, ``cli`` and ``simulator``; ``api`` is the Python API (``run``, ``complete``).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ _EXPORTS = {
     **dict.fromkeys(("Completion", "Request", "Result", "Row", "Usage"), "batch.records"),
     **dict.fromkeys(("RunOptions", "run_job"), "batch.runner"),
     **dict.fromkeys(("JobSpec", "load_job"), "batch.spec"),
+    **dict.fromkeys(("acomplete", "arun", "complete", "run"), "batch.api"),
     "Summary": "batch.summary",
 }
 
@@ -45,7 +46,11 @@ __all__ = [
     "Summary",
     "Usage",
     "UsageError",
+    "acomplete",
+    "arun",
+    "complete",
     "load_job",
+    "run",
     "run_job",
 ]
 
@@ -66,6 +71,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
+    from batch.api import acomplete, arun, complete, run
     from batch.errors import (
         APIConnectionError,
         APIStatusError,
