@@ -2,6 +2,7 @@
 
 The package face: load a job spec, run it, read its summary. Each stage lives in
 its own module; the README's "How the code is laid out" lists them in pipeline order.
+``batch.api`` is the Python API (``run``, ``complete`` and their async twins).
 """
 
 from __future__ import annotations
@@ -30,7 +31,11 @@ __all__ = [
     "Summary",
     "Usage",
     "UsageError",
+    "acomplete",
+    "arun",
+    "complete",
     "load_job",
+    "run",
     "run_job",
 ]
 
@@ -39,7 +44,7 @@ __all__ = [
 # would add Arrow, httpx and anyio to every `promptmill --help`, `simulate` and
 # `import batch.errors` (the cost is in the README, Performance). The modules
 # that hold the names of __all__, cheapest first:
-_HOMES = ("batch.errors", "batch.records", "batch.spec", "batch.summary", "batch.runner")
+_HOMES = ("batch.errors", "batch.records", "batch.spec", "batch.summary", "batch.runner", "batch.api")
 
 
 def __getattr__(name: str) -> Any:
@@ -58,6 +63,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
+    from batch.api import acomplete, arun, complete, run
     from batch.errors import (
         APIConnectionError,
         APIStatusError,

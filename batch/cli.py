@@ -1,20 +1,22 @@
 """The ``promptmill`` command: parse arguments, call one function, turn errors into one line.
 
-Exit codes: 0 every row ok; 1 finished with failed rows (this run's, or an
-earlier run's kept by --no-retry-failed); 2 bad job file, option,
-input or output (nothing sent); 3 stopped by a fatal server answer (401, 402,
-403, spent quota), an outage or a wait past retry.outage_s, after keeping what was done;
-65 the input changed while the job ran; 74 a disk error writing parts, output or summary
-(parts on disk kept); 130 / 143 stopped by SIGINT / SIGTERM after keeping what was done.
+Exit codes: ``batch.errors.EXIT_REASONS`` (0 every row ok; 1 finished with failed
+rows beyond --max-failed-fraction; 2 bad job file, option, input or output,
+nothing sent; 3 a fatal server answer, an outage or a wait past retry.outage_s;
+65 the input changed while the job ran; 74 a disk error writing parts, output or
+summary; 75 a transient stop; 130 / 143 SIGINT / SIGTERM; every stop keeps what was done).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
 from collections.abc import Sequence
+from datetime import date, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from batch import _startup
@@ -42,11 +44,16 @@ class _RedactingFormatter(logging.Formatter):
         return text
 
 
-def _setup_logging(debug: bool, quiet: bool, secrets: Sequence[str]) -> None:
+def _setup_logging(debug: bool, quiet: bool, secrets: Sequence[str], log_format: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.promptmill = True  # type: ignore[attr-defined]
     fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s" if debug else "promptmill: %(message)s"
-    handler.setFormatter(_RedactingFormatter(fmt, secrets))
+    if log_format == "json":
+        from batch.logjson import JsonFormatter
+
+        handler.setFormatter(JsonFormatter(secrets))
+    else:
+        handler.setFormatter(_RedactingFormatter(fmt, secrets))
     root = logging.getLogger()
     # replace our own handler of an earlier call; leave other handlers (an embedding app's) alone
     root.handlers[:] = [h for h in root.handlers if not getattr(h, "promptmill", False)] + [handler]
@@ -60,9 +67,33 @@ def _redact_also(secret: str | None) -> None:
     if not secret or len(secret) < 4:
         return
     for handler in logging.getLogger().handlers:
-        formatter = handler.formatter
-        if isinstance(formatter, _RedactingFormatter) and secret not in formatter._secrets:
-            formatter._secrets.append(secret)
+        secrets = getattr(handler.formatter, "_secrets", None) if getattr(handler, "promptmill", False) else None
+        if isinstance(secrets, list) and secret not in secrets:
+            secrets.append(secret)
+
+
+def _log_job(name: str) -> None:
+    """Name the job in every JSON log line from now on."""
+    for handler in logging.getLogger().handlers:
+        if getattr(handler, "promptmill", False) and hasattr(handler.formatter, "job"):
+            setattr(handler.formatter, "job", name)  # noqa: B010 (a JsonFormatter, not imported for a text log)
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a fraction between 0 and 1")
+    return value
+
+
+def _date(text: str) -> date:
+    try:
+        return datetime.strptime(text, "%Y-%m-%d").date()
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date like 2024-06-30 (YYYY-MM-DD)") from None
 
 
 def _add_run_parser(sub: Any) -> None:
@@ -73,7 +104,7 @@ def _add_run_parser(sub: Any) -> None:
     )
     p.add_argument("job", nargs="?", help="the job file (TOML), e.g. jobs/sample.toml")
     p.add_argument("--input", metavar="PATH", help="prompts: a .parquet or .jsonl file")
-    p.add_argument("--output", metavar="PATH", help="results: a .parquet file ({date} and {job} are filled in)")
+    p.add_argument("--output", metavar="PATH", help="results: a .parquet file ({date} or {ds}, and {job} are filled in)")
     p.add_argument("--base-url", metavar="URL", help="the API's base URL, e.g. https://api.atoma.network/v1, or 'simulator'")
     p.add_argument("--model", help="the model to ask")
     p.add_argument("--endpoint", choices=["chat", "completions"], help="chat (/chat/completions) or completions (/completions)")
@@ -91,6 +122,15 @@ def _add_run_parser(sub: Any) -> None:
     p.add_argument("--grace-period", type=float, default=30.0, metavar="S",
                    help="on SIGINT/SIGTERM, seconds to let requests in flight finish (default 30)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar, even on a terminal")
+    p.add_argument("--date", type=_date, metavar="YYYY-MM-DD",
+                   help="the date {date} (and {ds}) in the output path stand for, e.g. the run's logical date "
+                        "(default: today, UTC)")
+    p.add_argument("--max-failed-fraction", type=_fraction, default=0.0, metavar="F",
+                   help="exit 0, not 1, when at most this fraction of the output's rows failed (default 0)")
+    p.add_argument("--summary-json", metavar="PATH",
+                   help="write the summary as JSON to PATH, or with '-' as the last line on stdout")
+    p.add_argument("--log-format", choices=["text", "json"], default="text",
+                   help="log lines on stderr as text (default) or one JSON object each")
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
     p.add_argument("--debug", action="store_true", help="debug logging, and a traceback on errors")
 
@@ -127,13 +167,17 @@ def _run(args: argparse.Namespace) -> int:
 
     spec = load_job(args.job, _overrides(args), check_simulator=_simulator_table_problem)
     _redact_also(os.environ.get(spec.api.api_key_env))  # a variable named by the job file only
+    _log_job(spec.name)
+    args.job_name = spec.name
     opts = RunOptions(
         fresh=args.fresh,
         retry_failed=not args.no_retry_failed,
         grace_s=args.grace_period,
-        progress=False if args.no_progress else None,
+        progress=False if args.no_progress or args.log_format == "json" else None,
+        date=args.date,
     )
     code = 0
+    error = None
     summary: Summary | None
     simulator = _start_simulator(spec)
     opts.base_url = simulator.base_url if simulator is not None else None
@@ -143,16 +187,38 @@ def _run(args: argparse.Namespace) -> int:
         summary = opts.summary
         log.error("%s", exc)
         code = exc.exit_code
+        error = str(exc)
     finally:
         if simulator is not None:
             simulator.stop()
     if summary is not None:
-        print(summary.render(), file=sys.stdout)
-    if code:
-        return code
-    if opts.exit_signal is not None:
-        return 128 + opts.exit_signal
-    return 1 if summary is not None and (summary.rows_failed or summary.rows_failed_kept) else 0
+        if args.summary_json == "-":
+            log.info("%s", summary.render())  # stdout carries the JSON line alone
+        else:
+            print(summary.render(), file=sys.stdout)
+    if not code and opts.exit_signal is not None:
+        code = 128 + opts.exit_signal
+    elif not code and summary is not None:
+        from batch.outcome import finished_code
+
+        code = finished_code(summary, args.max_failed_fraction)
+    _summary_json(args, summary, code, error)
+    return code
+
+
+def _summary_json(args: argparse.Namespace, summary: Any, code: int, error: str | None) -> None:
+    """``--summary-json``: the summary with its exit code, to a file or as the last line on stdout."""
+    target = getattr(args, "summary_json", None)
+    if target is None:
+        return
+    from batch.outcome import scheduler_summary, write_summary_json
+
+    doc = scheduler_summary(summary, code, job=getattr(args, "job_name", None), error=error)
+    if target == "-":
+        sys.stdout.flush()
+        print(json.dumps(doc, separators=(",", ":")), file=sys.stdout, flush=True)
+    else:
+        write_summary_json(doc, Path(target))
 
 
 def _simulator_table_problem(table: Any) -> tuple[str | None, str] | None:
@@ -247,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         value = os.environ.get(name)
         if value and len(value) >= 4:
             secrets.append(value)
-    _setup_logging(args.debug, args.quiet, secrets)
+    _setup_logging(args.debug, args.quiet, secrets, getattr(args, "log_format", "text"))
 
     from batch.errors import PromptmillError
 
@@ -262,9 +328,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.exception("%s", exc)
         else:
             log.error("%s", exc)
+        _summary_json(args, None, exc.exit_code, str(exc))
         return exc.exit_code
     except KeyboardInterrupt:
         log.error("interrupted")
+        _summary_json(args, None, 130, "interrupted")
         return 130
 
 

@@ -10,6 +10,8 @@
     │   ├── InputChanged (exit 65)  the input file changed while the job read it
     │   └── DiskError (exit 74)     a part, the output or the summary could not be written
     │                               (ENOSPC, EDQUOT, EIO, EROFS, ...); parts on disk kept
+    ├── TransientStop (exit 75)     a stop a retry a little later should fix
+    │   └── OutputBusy              another run holds the output's lock
     └── RequestError                one row's request failed; carries ``row_id`` like
         │                           httpx errors carry ``.request``
         ├── APIStatusError          the server answered with a non-2xx status
@@ -21,6 +23,10 @@
 
 Whether a ``RequestError`` is retried, ends the row, or stops the job is decided
 in one place, ``batch.retry``, from the outcome table in the design.
+
+``EXIT_REASONS`` is the command's exit-code contract for schedulers (cron,
+Airflow): every code it may exit with and what it means. The codes are stable;
+tests pin each one.
 """
 
 from __future__ import annotations
@@ -28,8 +34,13 @@ from __future__ import annotations
 import errno
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from batch.summary import Summary
 
 __all__ = [
+    "EXIT_REASONS",
     "APIConnectionError",
     "APIStatusError",
     "BadValueError",
@@ -38,12 +49,28 @@ __all__ = [
     "InputError",
     "JobFileError",
     "JobStopped",
+    "OutputBusy",
     "OutputError",
     "PromptmillError",
     "RequestError",
     "ResponseError",
+    "TransientStop",
     "UsageError",
 ]
+
+# The exit codes of ``promptmill run``, one line each (the README's table says the same).
+# 65 and 74 follow sysexits.h (EX_DATAERR, EX_IOERR), as 75 (EX_TEMPFAIL) does.
+EXIT_REASONS: dict[int, str] = {
+    0: "all rows ok (also: nothing left to do on a rerun)",
+    1: "finished with failed rows (more than --max-failed-fraction of them)",
+    2: "bad job file, option, input or output: nothing was sent",
+    3: "stopped by a fatal answer (401, 402, 403, spent quota) or an outage (retry.outage_s); finished rows kept",
+    65: "the input changed under the job: finished rows kept",
+    74: "a disk error (EX_IOERR) while reading or writing: finished rows kept",
+    75: "a transient stop a retry should fix (EX_TEMPFAIL): another run holds the output's lock",
+    130: "stopped by SIGINT after keeping what was done",
+    143: "stopped by SIGTERM after keeping what was done",
+}
 
 
 class PromptmillError(Exception):
@@ -119,6 +146,7 @@ class JobStopped(PromptmillError):
 
     def __init__(self, message: str, *, cause: RequestError | None = None) -> None:
         self.cause = cause
+        self.summary: Summary | None = None  # the stopped run's summary, set by batch.api
         super().__init__(message)
 
 
@@ -143,6 +171,20 @@ class DiskError(JobStopped):
             f"{path}: cannot write {what}: {cause}; every part already on disk is kept: "
             "free space (or fix the disk) and rerun the same command to finish the job"
         )
+
+
+class TransientStop(PromptmillError):
+    """The job did not run for a reason that passes: run the same command again a little later."""
+
+    exit_code = 75
+
+
+class OutputBusy(TransientStop):
+    """Another run holds the output's lock (an earlier attempt still draining, say)."""
+
+    def __init__(self, message: str, *, path: Path | str | None = None) -> None:
+        self.path = path
+        super().__init__(f"{path}: {message}" if path is not None else message)
 
 
 class RequestError(PromptmillError):

@@ -32,7 +32,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -91,6 +91,7 @@ class RunOptions:
     handle_signals: bool = True
     transport: httpx.AsyncBaseTransport | None = None
     base_url: str | None = None  # instead of the job's api.base_url (the CLI's simulator for "simulator")
+    date: date | None = None  # what {date} and {ds} in the output path stand for (None: today, UTC)
     clock: Callable[[], float] = time.perf_counter
     sleep: Callable[[float], Any] = anyio.sleep
     # filled in by run_job for the caller (the CLI prints it)
@@ -541,7 +542,7 @@ async def run_job(spec: JobSpec, opts: RunOptions | None = None) -> Summary:
     wall_start = opts.clock()
     api_key = check_api(spec)
     _base_url(spec, opts)  # refuse "simulator" with none started before anything is written
-    output = spec.output_path()
+    output = spec.output_path(opts.date)
     out.check_not_input(output, Path(spec.input.path))
     out.check_output_writable(output)
     out.check_output_ours(output)

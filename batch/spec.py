@@ -18,7 +18,7 @@ input and output paths and the API base URL has defaults)::
     on_bad_line = "abort"                  # or "fail_row": a bad row becomes a failed result
 
     [output]
-    path = "out/{job}-{date}.parquet"      # {date} is the UTC date (YYYY-MM-DD), {job} the job name
+    path = "out/{job}-{date}.parquet"      # {date} (or {ds}) is the UTC date (YYYY-MM-DD) or --date, {job} the job name
     flush_rows = 500                       # finished rows are made durable every N rows (default: 500 or the concurrency, the larger) ...
     flush_s = 2.0                          # ... or every S seconds, whichever comes first
 
@@ -56,7 +56,7 @@ import re
 import string
 import tomllib
 from collections.abc import Callable, Mapping
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import urlsplit
@@ -192,8 +192,8 @@ class OutputSpec(_Spec, frozen=True):
         except ValueError as exc:
             return "path", str(exc)
         for name in names:
-            if name is not None and name not in ("date", "job"):
-                return "path", f"unknown placeholder {{{name}}}; use {{date}} or {{job}}"
+            if name is not None and name not in ("date", "ds", "job"):
+                return "path", f"unknown placeholder {{{name}}}; use {{date}} (or {{ds}}) or {{job}}"
         suffix = Path(self.path).suffix
         if suffix.lower() in _NOT_PARQUET_SUFFIXES:
             return "path", _with_value(self.path, f"ends in {suffix}: the output is a Parquet file; "
@@ -349,12 +349,14 @@ class JobSpec(_Spec, frozen=True):
         """
         return self.output.flush_rows or max(500, self.limits.concurrency)
 
-    def output_path(self, now: datetime | None = None) -> Path:
-        """The output path with ``{date}`` (UTC, YYYY-MM-DD, of ``now``) and ``{job}`` filled in."""
+    def output_path(self, now: datetime | date | None = None) -> Path:
+        """The output path with ``{date}`` and ``{ds}`` (UTC, YYYY-MM-DD, of ``now``: a date is
+        taken as it is, e.g. a scheduler's logical date) and ``{job}`` filled in."""
         when = now if now is not None else datetime.now(UTC)
-        if when.tzinfo is not None:
+        if isinstance(when, datetime) and when.tzinfo is not None:
             when = when.astimezone(UTC)
-        return Path(self.output.path.format(date=when.strftime("%Y-%m-%d"), job=self.name))
+        day = when.strftime("%Y-%m-%d")
+        return Path(self.output.path.format(date=day, ds=day, job=self.name))
 
 
 # --- loading -----------------------------------------------------------------

@@ -46,7 +46,7 @@ import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
 from batch._startup import compute
-from batch.errors import DiskError, OutputError
+from batch.errors import DiskError, OutputBusy, OutputError
 from batch.reader import hashes_repeat, read_parquet_columns
 from batch.records import Result
 
@@ -207,7 +207,7 @@ class OutputLock:
                 holder = ""
                 with contextlib.suppress(OSError, ValueError):
                     holder = f" (process {int(self.path.read_text().strip())})"
-                raise OutputError(
+                raise OutputBusy(
                     f"another promptmill run is writing this output{holder}; wait for it or choose another output",
                     path=self.output,
                 ) from None

@@ -21,7 +21,7 @@ import pyarrow.feather as feather
 import pyarrow.parquet as pq
 import pytest
 
-from batch.errors import JobFileError, OutputError
+from batch.errors import JobFileError, OutputBusy
 from batch.simulator import SimConfig, SimServer
 from batch.spec import load_job
 from tests.helpers import prompts, run_cli, write_jsonl
@@ -296,7 +296,7 @@ def test_a_second_run_on_the_same_output_stops_at_start(
     wait_for(lambda: requests(sim) > 0, first)
 
     second = run_cli(capsys, "run", job, "--no-progress")
-    assert second.code == 2
+    assert second.code == 75  # EX_TEMPFAIL: a retry once the first run is done succeeds
     assert f"another promptmill run is writing this output (process {first.pid})" in second.err
     assert "Traceback" not in second.err
 
@@ -382,7 +382,7 @@ def test_a_lock_on_a_lock_file_removed_meanwhile_is_taken_again(
     lock.acquire()
     monkeypatch.setattr(out.fcntl, "flock", real_flock)
     assert lock.path.exists()  # it holds the lock file that is there now, not the removed one
-    with pytest.raises(OutputError, match="another promptmill run is writing this output"):
+    with pytest.raises(OutputBusy, match="another promptmill run is writing this output"):
         out.OutputLock(output).acquire()
     lock.release()
 

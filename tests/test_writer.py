@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from batch import writer as out
-from batch.errors import OutputError
+from batch.errors import OutputBusy, OutputError
 from batch.records import Result
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,7 +115,7 @@ def test_lock_refuses_a_second_run_and_is_released(tmp_path: Path) -> None:
     first = out.OutputLock(output)
     first.acquire()
     # flock locks belong to the open file description, so a second open in this process conflicts too
-    with pytest.raises(OutputError, match="another promptmill run is writing this output"):
+    with pytest.raises(OutputBusy, match="another promptmill run is writing this output"):
         out.OutputLock(output).acquire()
     first.release()
     with out.OutputLock(output):

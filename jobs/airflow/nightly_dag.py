@@ -1,0 +1,42 @@
+"""A nightly promptmill job in Airflow: prompts in, a Parquet file of answers out per logical date.
+
+It runs on the built-in simulator (no key, no network). For a real API, set
+``api.base_url`` in the job file, create an Airflow connection holding the key
+as its password and pass ``conn_id=`` to the operator.
+
+Its files, so the same DAG runs from a checkout and in the tests: the job
+file ``PROMPTMILL_NIGHTLY_JOB``, the input ``PROMPTMILL_NIGHTLY_INPUT`` and the
+output folder ``PROMPTMILL_NIGHTLY_OUT`` (default: this repository's ones, and out/nightly),
+and the connection holding the key ``PROMPTMILL_NIGHTLY_CONN`` (default: none, the simulator needs none).
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from airflow.sdk import DAG
+
+from batch.airflow import PromptmillOperator
+
+REPO = Path(__file__).resolve().parents[2]
+JOB = os.environ.get("PROMPTMILL_NIGHTLY_JOB", str(REPO / "jobs" / "airflow" / "nightly.toml"))
+INPUT = os.environ.get("PROMPTMILL_NIGHTLY_INPUT", str(REPO / "sample_data" / "prompts.jsonl"))
+OUT = os.environ.get("PROMPTMILL_NIGHTLY_OUT", str(REPO / "out" / "nightly"))
+
+with DAG(
+    dag_id="promptmill_nightly",
+    schedule="@daily",
+    start_date=datetime(2024, 1, 1),
+    catchup=False,
+    default_args={"retries": 2, "retry_delay": timedelta(minutes=5)},
+) as dag:
+    generate = PromptmillOperator(
+        task_id="generate",
+        job=JOB,
+        input=INPUT,
+        output=OUT + "/nightly-{{ ds }}.parquet",  # a cleared and rerun task resumes into the same file
+        overrides={"max_failed_fraction": 0.01},
+        conn_id=os.environ.get("PROMPTMILL_NIGHTLY_CONN"),
+    )
