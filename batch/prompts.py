@@ -38,7 +38,7 @@ _EMPTY: Mapping[str, Any] = MappingProxyType({})
 
 
 class Done(Protocol):
-    """The ``(id, request fingerprint)`` keys an earlier run finished (``batch.writer.ResumeIndex``)."""
+    """The ``(id, request fingerprint)`` keys an earlier run finished (``batch.store.ResumeIndex``)."""
 
     def __contains__(self, key: tuple[str, str], /) -> bool: ...
 

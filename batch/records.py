@@ -16,7 +16,7 @@ import msgspec
 __all__ = ["OUTPUT_COLUMNS", "Completion", "Request", "Result", "Row", "Usage"]
 
 #: The columns promptmill writes for every row, in output order, after the id and
-#: the pass-through columns (their Arrow types are the writer's ``RESULT_FIELDS``).
+#: the pass-through columns (their Arrow types are ``batch.store.RESULT_FIELDS``).
 OUTPUT_COLUMNS = (
     "model", "endpoint", "status", "text", "refusal", "finish_reason",
     "prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens", "reasoning_tokens",

@@ -23,10 +23,11 @@ import pyarrow.parquet as pq
 
 from batch.errors import InputError, OutputError, UsageError
 from batch.stats import PairedDiff, mean_ci, paired_diff, percentile, wilson
+from batch.store.atomic import atomic_write
 
 __all__ = ["ReportData", "Table", "Variant", "VariantSummary", "load", "render", "save", "summarize", "tables"]
 
-_METADATA_KEY = b"promptmill.job"  # as batch.writer writes it
+_METADATA_KEY = b"promptmill.job"  # as batch.store writes it
 _SCORE_PREFIX = "score_"
 # the columns a report reads (the answers' text is never loaded)
 _COLUMNS = (
@@ -370,6 +371,6 @@ def render(path: Path, fmt: str = "html") -> str:
 def save(text: str, dest: Path) -> None:
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.write_text(text, encoding="utf-8")
+        atomic_write(dest, text.encode())
     except OSError as exc:
         raise OutputError(f"cannot write the report: {exc.strerror}", path=dest) from None

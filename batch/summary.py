@@ -8,7 +8,6 @@ shows its tokens and cost as unknown (null in the JSON), never as zero.
 from __future__ import annotations
 
 import json
-import os
 from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ import pyarrow as pa
 
 from batch._startup import compute
 from batch.records import Result
+from batch.store.atomic import atomic_write
 
 __all__ = ["ModelTotals", "Summary", "percentile", "percentiles"]
 
@@ -153,10 +153,11 @@ class Summary:
             "latency_p95_s": None if p95 is None else round(p95, 4),
         }
 
+    def to_json(self) -> bytes:
+        return (json.dumps(self.as_dict(), indent=2) + "\n").encode()
+
     def write_json(self, path: Path) -> None:
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(self.as_dict(), indent=2) + "\n")
-        os.replace(tmp, path)
+        atomic_write(path, self.to_json())
 
     def render(self) -> str:
         """The summary as a few aligned lines of text."""

@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from batch import writer as out  # noqa: E402  (the package of this checkout, not an installed one)
+from batch import store as out  # noqa: E402  (the package of this checkout, not an installed one)
 from batch.prompts import RequestBuilder  # noqa: E402
 from batch.reader import InputReader  # noqa: E402
 from batch.runner import job_identity  # noqa: E402

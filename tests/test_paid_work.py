@@ -290,7 +290,7 @@ def test_every_disk_error_is_one_line_with_the_path_and_cause(
 ) -> None:
     import errno
 
-    from batch import writer
+    from batch.store import parts
 
     inp = write_jsonl(tmp_path / "in.jsonl", prompts(5))
     outp = tmp_path / "out.parquet"
@@ -298,7 +298,7 @@ def test_every_disk_error_is_one_line_with_the_path_and_cause(
     def failing(table: Any, path: Path) -> None:
         raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
 
-    monkeypatch.setattr(writer, "_write_atomically", failing)  # a disk failing in this one way
+    monkeypatch.setattr(parts, "_write_part", failing)  # a disk failing in this one way
     with HostileServer(lambda n, b: ok()) as server:
         run = run_cli(capsys, "run", job_toml(tmp_path, inp, outp, server.base_url), "--no-progress")
     assert run.code == 74
@@ -315,15 +315,15 @@ def test_a_signal_during_the_assembly_lets_it_finish_then_prints_the_summary(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
     signum: signal.Signals, code: int,
 ) -> None:
-    from batch import writer
+    from batch.store import assembly
 
-    assemble = writer.assemble
+    assemble = assembly.assemble
 
     def signalled_assemble(output: Path, schema: Any) -> int:
         os.kill(os.getpid(), signum)  # the signal arrives while the output is being assembled
         return assemble(output, schema)
 
-    monkeypatch.setattr(writer, "assemble", signalled_assemble)
+    monkeypatch.setattr(assembly, "assemble", signalled_assemble)
     inp = write_jsonl(tmp_path / "in.jsonl", prompts(20))
     outp = tmp_path / "out.parquet"
     with HostileServer(lambda n, b: ok()) as server:

@@ -365,10 +365,11 @@ def test_the_job_identity_of_a_default_id_column_is_what_earlier_versions_wrote(
 def test_a_lock_on_a_lock_file_removed_meanwhile_is_taken_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from batch import writer as out
+    from batch import store as out
+    from batch.store import lock as lock_module
 
     output = tmp_path / "res.parquet"
-    real_flock = out.fcntl.flock
+    real_flock = lock_module.fcntl.flock
     removed = []
 
     def flock_after_the_finishing_run_removed_the_folder(fd: int, op: int) -> None:
@@ -377,10 +378,10 @@ def test_a_lock_on_a_lock_file_removed_meanwhile_is_taken_again(
             removed.append(True)
         real_flock(fd, op)
 
-    monkeypatch.setattr(out.fcntl, "flock", flock_after_the_finishing_run_removed_the_folder)
+    monkeypatch.setattr(lock_module.fcntl, "flock", flock_after_the_finishing_run_removed_the_folder)
     lock = out.OutputLock(output)
     lock.acquire()
-    monkeypatch.setattr(out.fcntl, "flock", real_flock)
+    monkeypatch.setattr(lock_module.fcntl, "flock", real_flock)
     assert lock.path.exists()  # it holds the lock file that is there now, not the removed one
     with pytest.raises(OutputBusy, match="another promptmill run is writing this output"):
         out.OutputLock(output).acquire()

@@ -1,4 +1,4 @@
-"""The writer: durable parts, atomic assembly, newest-row-wins, the resume index, the lock."""
+"""The output store: durable parts, atomic assembly, newest-row-wins, the resume index, the lock."""
 
 from __future__ import annotations
 
@@ -7,12 +7,13 @@ import subprocess
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from batch import writer as out
+from batch import store as out
 from batch.errors import OutputBusy, OutputError
 from batch.records import Result
 
@@ -125,7 +126,7 @@ def test_lock_refuses_a_second_run_and_is_released(tmp_path: Path) -> None:
 def test_lock_of_a_killed_process_does_not_stick(tmp_path: Path) -> None:
     output = tmp_path / "res.parquet"
     code = (
-        "import os, sys; from pathlib import Path; from batch.writer import OutputLock;"
+        "import os, sys; from pathlib import Path; from batch.store import OutputLock;"
         f"OutputLock(Path({str(output)!r})).acquire(); os.kill(os.getpid(), 9)"
     )
     proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(ROOT)}, check=False)
@@ -216,3 +217,79 @@ def test_a_row_no_column_can_hold_is_written_failed_and_the_rest_of_its_part_kep
     assert rows["r1"]["topic"] == "t1" and rows["r1"]["request_fingerprint"] == "fp1"
     assert "column 'text' cannot hold" in rows["r2"]["error"]
     assert rows["r3"]["text"] == "answer 3"
+
+
+# -- the store: one object for the whole protocol --------------------------------------
+
+
+def _fsynced(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record the path of every file and folder fsynced from now on."""
+    seen: list[str] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        seen.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return seen
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to name an fsynced file")
+def test_every_file_the_store_writes_is_fsynced_with_its_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from batch.summary import Summary
+
+    output = tmp_path / "res.parquet"
+    parts = out.parts_dir(output)
+    seen = _fsynced(monkeypatch)
+    schema = out.output_schema(PASS, {out.METADATA_KEY: b"{}"})
+    with out.OutputStore.open(output, {"job": "j"}, schema) as store:
+        store.add(result(0))
+        store.flush()
+        assert store.assemble() == 1
+        store.write_summary(Summary(job="j", output=str(output)))
+    # each file under its temporary name, then the folder its rename is in
+    for folder, name in ((parts, ".job.json.tmp"), (parts, ".run-0001-part-000001.arrow.tmp"),
+                         (tmp_path, ".res.parquet.tmp"), (tmp_path, ".res.parquet.summary.json.tmp")):
+        at = seen.index(str(folder / name))
+        assert str(folder) in seen[at + 1:], name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["res.parquet", "res.parquet.summary.json"]
+
+
+def test_a_failed_atomic_write_leaves_the_old_file_and_no_temporary(tmp_path: Path) -> None:
+    from batch.store.atomic import atomic_write
+
+    target = tmp_path / "f.json"
+    atomic_write(target, b"old")
+
+    def half_then_fail(fh: Any) -> None:
+        fh.write(b"ne")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        atomic_write(target, half_then_fail)
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.json"]
+
+
+def test_the_store_refuses_another_jobs_output_unless_fresh(tmp_path: Path) -> None:
+    output = tmp_path / "res.parquet"
+    schema = out.output_schema(PASS)
+    with pytest.raises(RuntimeError), out.OutputStore.open(output, {"job": "a"}, schema) as store:
+        store.add(result(0))
+        store.flush()
+        raise RuntimeError("the run stops before assembling")
+    assert out.read_job_identity(output) == {"job": "a"}  # its progress and identity are kept
+    with pytest.raises(OutputError, match="written by another job \\('a'"):
+        out.OutputStore.open(output, {"job": "b"}, schema)
+    with out.OutputStore.open(output, {"job": "a"}, schema) as store:  # the lock was released
+        assert len(store.index) == 1 and ("r0", "fp1") in store.index
+    with out.OutputStore.open(output, {"job": "b"}, schema, fresh=True) as store:
+        assert len(store.index) == 0
+        with pytest.raises(OutputBusy, match="another promptmill run is writing this output"):
+            out.OutputStore.open(output, {"job": "b"}, schema)
+        store.assemble()
+    assert not out.parts_dir(output).exists()  # closed without an error: the parts folder is gone
+    assert pq.read_table(output).num_rows == 0
