@@ -64,9 +64,9 @@ from batch.limiter import Limiter, _has_rate_headers, answer_tokens
 from batch.pricing import Price, PriceTable
 from batch.progress import Progress
 from batch.prompts import RequestBuilder
-from batch.reader import InputReader, row_error
 from batch.records import Request, Result, Row
 from batch.retry import RetryPolicy, RetrySettings, classify, retry_after
+from batch.sources import Source, open_source
 from batch.spec import JobSpec, is_loopback
 from batch.summary import Summary
 
@@ -264,7 +264,7 @@ class _Job:
 
     # -- stages --------------------------------------------------------------
 
-    async def feed(self, reader: InputReader, builder: RequestBuilder,
+    async def feed(self, reader: Source, builder: RequestBuilder,
                    send: MemoryObjectSendStream[Request]) -> None:
         """Read, build and hand out requests, skipping rows an earlier run finished."""
         async with send:
@@ -281,9 +281,8 @@ class _Job:
                 return
             skipped = 0
             for row in batch:
-                error = row_error(row)
-                if error is not None:
-                    self.failed_row(row, error, "bad_input")
+                if row.error is not None:
+                    self.failed_row(row, row.error, "bad_input")
                     continue
                 request = builder.build_unless_done(row, index) if index else builder.build(row)
                 if request is None:
@@ -549,7 +548,7 @@ async def run_job(spec: JobSpec, opts: RunOptions | None = None) -> Summary:
         input_seen = os.stat(spec.input.path)  # before it is read: a change from now on stops the job
     except OSError:
         input_seen = None  # the reader says what is wrong with it
-    reader = InputReader(spec.input)
+    reader = open_source(spec.input)
     reader.check()
     _release_memory()
     builder = RequestBuilder(spec)
@@ -653,7 +652,7 @@ async def _finish(job: _Job, output: Path, schema: pa.Schema) -> None:
         raise failed
 
 
-async def _run(job: _Job, reader: InputReader, builder: RequestBuilder, api_key: str | None) -> None:
+async def _run(job: _Job, reader: Source, builder: RequestBuilder, api_key: str | None) -> None:
     spec, opts = job.spec, job.opts
     concurrency = spec.limits.concurrency
     timeouts = Timeouts(

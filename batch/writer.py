@@ -46,8 +46,8 @@ import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
 from batch._startup import compute
+from batch.arrowutil import hashes_repeat, read_parquet_columns
 from batch.errors import DiskError, OutputError
-from batch.reader import hashes_repeat, read_parquet_columns
 from batch.records import Result
 
 __all__ = [
