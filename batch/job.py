@@ -22,8 +22,8 @@ from anyio.streams.memory import MemoryObjectSendStream
 from batch.errors import InputChanged, InputError, JobStopped, PromptmillError, RequestError
 from batch.progress import Progress
 from batch.prompts import RequestBuilder
-from batch.reader import InputReader, row_error
 from batch.records import Request, Result, Row
+from batch.sources import Source
 from batch.spec import JobSpec
 from batch.store import OutputStore
 from batch.summary import Summary
@@ -141,7 +141,7 @@ class Job:
 
     # -- stages --------------------------------------------------------------
 
-    async def feed(self, reader: InputReader, builder: RequestBuilder,
+    async def feed(self, reader: Source, builder: RequestBuilder,
                    send: MemoryObjectSendStream[Request]) -> None:
         """Read, build and hand out requests, skipping rows an earlier run finished."""
         async with send:
@@ -158,9 +158,8 @@ class Job:
                 return
             skipped = 0
             for row in batch:
-                error = row_error(row)
-                if error is not None:
-                    self.failed_row(row, error, "bad_input")
+                if row.error is not None:
+                    self.failed_row(row, row.error, "bad_input")
                     continue
                 request = builder.build_unless_done(row, index) if index else builder.build(row)
                 if request is None:

@@ -78,7 +78,7 @@ class RequestBuilder:
             ) from None
 
     def build(self, row: Row) -> Request:
-        """The request for ``row`` (not for an error row: see ``batch.reader.row_error``)."""
+        """The request for ``row`` (not for an error row: see ``Row.error``)."""
         body, est, digest = self._body(row)
         return Request(row.index, row.id, body, self._passthrough(row), est, digest)
 

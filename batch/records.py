@@ -55,6 +55,8 @@ class Row(msgspec.Struct, frozen=True, gc=False):
     ``index`` is the 0-based position in the input; ``line`` the 1-based line of a
     JSONL file (or the 1-based row number of a Parquet file) for error messages.
     ``values`` holds the columns the job uses (template fields and pass-through).
+    ``error`` is set on a row that cannot be sent (``on_bad_line = "fail_row"``):
+    the one-line reason, file, line and column; such a row has no prompt or messages.
     """
 
     index: int
@@ -63,6 +65,7 @@ class Row(msgspec.Struct, frozen=True, gc=False):
     prompt: str | None
     messages: list[dict[str, Any]] | None
     values: Mapping[str, Any]
+    error: str | None = None
 
 
 class Request(msgspec.Struct, frozen=True, gc=False):

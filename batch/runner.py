@@ -50,9 +50,9 @@ from batch.job import Job
 from batch.limiter import Limiter
 from batch.progress import Progress
 from batch.prompts import RequestBuilder
-from batch.reader import InputReader
 from batch.records import Request
 from batch.retry import RetryPolicy, RetrySettings
+from batch.sources import Source, open_source
 from batch.spec import JobSpec, is_loopback
 from batch.store import METADATA_KEY, OutputStore, output_schema
 from batch.summary import Summary
@@ -169,7 +169,7 @@ async def run_job(spec: JobSpec, opts: RunOptions | None = None) -> Summary:
         input_seen = os.stat(spec.input.path)  # before it is read: a change from now on stops the job
     except OSError:
         input_seen = None  # the reader says what is wrong with it
-    reader = InputReader(spec.input)
+    reader = open_source(spec.input)
     reader.check()
     _release_memory()
     builder = RequestBuilder(spec)
@@ -251,7 +251,7 @@ async def _finish(job: Job) -> None:
         raise failed
 
 
-async def _run(job: Job, reader: InputReader, builder: RequestBuilder, api_key: str | None) -> None:
+async def _run(job: Job, reader: Source, builder: RequestBuilder, api_key: str | None) -> None:
     spec, opts = job.spec, job.opts
     concurrency = spec.limits.concurrency
     timeouts = Timeouts(

@@ -43,9 +43,9 @@ import orjson
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from batch.prompts import RequestBuilder
-from batch.reader import InputReader
 from batch.runner import RunOptions, run_job
 from batch.simulator import count_prompt_tokens
+from batch.sources import open_source
 from batch.spec import JobSpec, load_job
 
 CASES = {
@@ -160,7 +160,7 @@ def row_costs(spec: JobSpec) -> list[int]:
     """What the simulator counts against its token limit for each row."""
     builder = RequestBuilder(spec)
     costs = []
-    for batch in InputReader(spec.input).batches():
+    for batch in open_source(spec.input).batches():
         for row in batch:
             body = builder.build(row).body
             costs.append(count_prompt_tokens(body) + int(body["max_tokens"]))

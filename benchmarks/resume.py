@@ -39,9 +39,9 @@ sys.path.insert(0, str(ROOT))
 
 from batch import store as out  # noqa: E402  (the package of this checkout, not an installed one)
 from batch.prompts import RequestBuilder  # noqa: E402
-from batch.reader import InputReader  # noqa: E402
 from batch.runner import job_identity  # noqa: E402
 from batch.simulator import SimConfig, SimServer  # noqa: E402
+from batch.sources import open_source  # noqa: E402
 from batch.spec import load_job  # noqa: E402
 
 UNDONE = 10  # rows of the million-row job left for the rerun
@@ -164,7 +164,7 @@ def million(args: argparse.Namespace, tmp: Path) -> dict[str, float]:
     with SimServer(SimConfig()) as sim:
         job = write_job(tmp / "big.toml", sim.base_url, inp, outp, args)
         spec = load_job(job)
-        reader = InputReader(spec.input)
+        reader = open_source(spec.input)
         builder = RequestBuilder(spec)
         ids: list[str] = []
         fps: list[str] = []

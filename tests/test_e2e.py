@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from batch.prompts import RequestBuilder
-from batch.reader import InputReader
 from batch.simulator import SimServer, count_prompt_tokens, reply_for
+from batch.sources import open_source
 from batch.spec import load_job
 from tests.helpers import prompts, run_cli, write_jsonl, write_parquet
 
@@ -38,7 +38,7 @@ def expected(inp: Path, outp: Path, sim: SimServer, endpoint: str, *, max_tokens
                            "request.model": MODEL, "api.endpoint": endpoint, "request.max_tokens": max_tokens})
     builder = RequestBuilder(spec)
     want = {}
-    for batch in InputReader(spec.input).batches():
+    for batch in open_source(spec.input).batches():
         for row in batch:
             body = builder.build(row).body
             text, completion_tokens, _ = reply_for(body)

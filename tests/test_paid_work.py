@@ -468,17 +468,17 @@ async def test_a_wait_past_max_wait_s_is_announced_taken_and_logged_as_taken(
 def test_an_input_that_changes_before_anything_is_sent_is_exit_2(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from batch.reader import InputReader
+    from batch.sources import JsonlSource
 
     inp = write_jsonl(tmp_path / "in.jsonl", prompts(5))
-    check = InputReader.check
+    check = JsonlSource.check
 
-    def check_then_append(self: InputReader) -> None:
+    def check_then_append(self: JsonlSource) -> None:
         check(self)
         with open(inp, "a") as f:  # another program appends just after the input was checked
             f.write(json.dumps({"id": "late", "prompt": "x"}) + "\n")
 
-    monkeypatch.setattr(InputReader, "check", check_then_append)
+    monkeypatch.setattr(JsonlSource, "check", check_then_append)
     with HostileServer(lambda n, b: ok()) as server:
         run = run_cli(capsys, "run", job_toml(tmp_path, inp, tmp_path / "out.parquet", server.base_url),
                       "--no-progress")

@@ -390,13 +390,13 @@ def test_a_lock_on_a_lock_file_removed_meanwhile_is_taken_again(
 
 def test_the_builder_skips_only_rows_done_with_the_same_request(tmp_path: Path) -> None:
     from batch.prompts import RequestBuilder
-    from batch.reader import InputReader
+    from batch.sources import open_source
 
     inp = write_jsonl(tmp_path / "in.jsonl", prompts(3))
     spec = load_job(None, {"input.path": str(inp), "output.path": str(tmp_path / "o.parquet"),
                            "api.base_url": "simulator", "request.model": MODEL})
     builder = RequestBuilder(spec)
-    rows = [row for batch in InputReader(spec.input).batches() for row in batch]
+    rows = [row for batch in open_source(spec.input).batches() for row in batch]
     built = [builder.build(row) for row in rows]
     done = {(built[0].id, built[0].fingerprint), (built[1].id, "another request")}
     assert builder.build_unless_done(rows[0], done) is None

@@ -13,8 +13,8 @@ from typing import BinaryIO
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from batch.arrowutil import hashes_repeat
 from batch.errors import DiskError, OutputError
-from batch.reader import hashes_repeat
 from batch.store.atomic import atomic_write
 from batch.store.checks import output_target
 from batch.store.parts import PART_RE, part_files, source_batches, sources

@@ -29,8 +29,8 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
+from batch.arrowutil import read_parquet_columns
 from batch.errors import DiskError, OutputError
-from batch.reader import read_parquet_columns
 from batch.records import Result
 from batch.store.atomic import atomic_write
 from batch.store.schema import RESULT_FIELDS, RESULT_NAMES
