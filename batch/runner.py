@@ -60,15 +60,17 @@ from batch.errors import (
     RequestError,
     UsageError,
 )
-from batch.limiter import Limiter, _has_rate_headers, answer_tokens
+from batch.limiter import Limiter
 from batch.pricing import Price, PriceTable
 from batch.progress import Progress
 from batch.prompts import RequestBuilder
+from batch.ratelimits import has_rate_headers, retry_after
 from batch.reader import InputReader, row_error
 from batch.records import Request, Result, Row
-from batch.retry import RetryPolicy, RetrySettings, classify, retry_after
+from batch.retry import RetryPolicy, RetrySettings, classify
 from batch.spec import JobSpec, is_loopback
 from batch.summary import Summary
+from batch.tokens import answer_tokens
 
 __all__ = ["RunOptions", "check_api", "job_identity", "run_job"]
 
@@ -416,7 +418,7 @@ class _Job:
             asked = retry_after(exc.headers) if exc.headers else None
             if exc.http_status == 429:
                 pause = limiter.on_rate_limited(exc.headers, reservation)
-                if asked is not None or _has_rate_headers(exc.headers):
+                if asked is not None or has_rate_headers(exc.headers):
                     self.check_wait(pause, exc, "Retry-After" if asked is not None else "x-ratelimit-reset")
             else:
                 limiter.settle(reservation, None)

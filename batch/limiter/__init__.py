@@ -1,27 +1,14 @@
-"""Keep a job within its request and token rate limits (moved into a package; split next)."""
+"""Keep a job within its request and token rate limits, shared by every worker.
 
-from batch.limiter.limiter import (
-    Limiter,
-    LimiterStats,
-    Reservation,
-    _has_rate_headers,
-    answer_tokens,
-    content_chars,
-    estimate_tokens,
-    parse_duration,
-    prompt_tokens,
-    tokens_for,
-)
+A thin :class:`Limiter` (``limiter.py``) composed of small policies, the strictest
+winning at any moment: ``pace.py`` (pace to a given RPM/TPM), ``headers.py``
+(follow ``x-ratelimit-*`` limits and budgets), ``adaptive.py`` (learn a rate from
+bare 429s). Headers are read by ``batch.ratelimits``; tokens estimated by
+``batch.tokens``.
+"""
 
-__all__ = [
-    "Limiter",
-    "LimiterStats",
-    "Reservation",
-    "_has_rate_headers",
-    "answer_tokens",
-    "content_chars",
-    "estimate_tokens",
-    "parse_duration",
-    "prompt_tokens",
-    "tokens_for",
-]
+from __future__ import annotations
+
+from batch.limiter.limiter import Limiter, LimiterStats, Reservation
+
+__all__ = ["Limiter", "LimiterStats", "Reservation"]
