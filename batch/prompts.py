@@ -15,7 +15,7 @@ of the endpoint and the body, so a changed prompt or parameter shows up as a
 changed fingerprint.
 
 ``Request.est_prompt_tokens`` is a rough count for rate limiting, no tokenizer:
-characters of text / 4 plus 4 per message.
+characters of text / 4 plus 4 per message (``batch.tokens``, the one estimator).
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ from typing import Any, Protocol
 import orjson
 
 from batch.errors import InputError
-from batch.limiter import content_chars, tokens_for
 from batch.records import Request, Row
 from batch.spec import JobSpec
+from batch.tokens import messages_tokens, tokens_for
 
 __all__ = ["RequestBuilder"]
 
@@ -109,11 +109,7 @@ class RequestBuilder:
                 user = {"role": "user", "content": self.prompt_text(row)}
                 messages = [self._system_message, user] if self._system_message is not None else [user]
             body["messages"] = messages
-            chars = 0
-            for m in messages:
-                content = m.get("content")
-                chars += len(content) if type(content) is str else content_chars(content)
-            est = tokens_for(chars, len(messages))
+            est = messages_tokens(messages)
         else:
             if row.messages is not None:
                 raise InputError(

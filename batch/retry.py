@@ -14,7 +14,7 @@
 ``initial_wait_s * 2**(n-1)`` capped at ``max_wait_s``, drawn uniformly from the
 upper half of that span so that rows failing together do not retry together.
 A ``Retry-After`` (or ``retry-after-ms``, or either under a gateway's prefix,
-as LiteLLM's ``llm_provider-retry-after``) header wins over the backoff. It stops
+as LiteLLM's ``llm_provider-retry-after``; read by ``batch.ratelimits``) header wins over the backoff. It stops
 after ``max_attempts`` or when the next wait would take the row past
 ``row_budget_s``, whichever comes first, and raises the last error with
 ``attempts`` and ``row_id`` set. Each retry is logged once, at WARNING, with the
@@ -38,9 +38,8 @@ import math
 import random
 import re
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Literal, TypeVar
 
 import anyio
@@ -55,11 +54,12 @@ from batch.errors import (
     RequestError,
     ResponseError,
 )
+from batch.ratelimits import retry_after
 
 if TYPE_CHECKING:
     from batch.limiter import Limiter
 
-__all__ = ["Outcome", "RetryPolicy", "RetrySettings", "classify", "retry_after"]
+__all__ = ["Outcome", "RetryPolicy", "RetrySettings", "classify"]
 
 logger = logging.getLogger(__name__)
 
@@ -98,49 +98,6 @@ def classify(exc: BaseException) -> Outcome:
     if status in _RETRY_STATUSES or status >= 500:
         return "retry"
     return "fail"
-
-
-# Where gateways put the provider's Retry-After: LiteLLM forwards it as llm_provider-retry-after.
-_RETRY_AFTER_PREFIXES: tuple[str, ...] = ("", "llm_provider-")
-
-
-def retry_after(
-    headers: Mapping[str, str], now: Callable[[], float] = time.time
-) -> float | None:
-    """Seconds the server asks to wait: ``retry-after-ms``, or ``Retry-After`` in
-    seconds or as an HTTP date (compared with ``now()``, a wall clock), also under
-    a gateway's prefix (LiteLLM's ``llm_provider-retry-after``). ``None`` when
-    absent or unparseable; never negative.
-    """
-    for prefix in _RETRY_AFTER_PREFIXES:
-        wait = _retry_after(headers.get(prefix + "retry-after-ms"), headers.get(prefix + "retry-after"), now)
-        if wait is not None:
-            return wait
-    return None
-
-
-def _retry_after(ms_value: str | None, value: str | None, now: Callable[[], float]) -> float | None:
-    if ms_value is not None:
-        try:
-            ms = float(ms_value)
-        except ValueError:
-            ms = math.nan
-        if math.isfinite(ms):
-            return max(0.0, ms / 1000.0)
-    if value is None:
-        return None
-    value = value.strip()
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            date = parsedate_to_datetime(value)
-        except (TypeError, ValueError, IndexError):
-            return None
-        if date.tzinfo is None:  # RFC 9110 dates are GMT
-            return None
-        return max(0.0, date.timestamp() - now())
-    return max(0.0, seconds) if math.isfinite(seconds) else None
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,10 +15,12 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 from batch.client import Client, Reply
 from batch.errors import APIConnectionError, RequestError
 from batch.job import Job
-from batch.limiter import Limiter, _has_rate_headers, answer_tokens
+from batch.limiter import Limiter
 from batch.pricing import Price, PriceTable
+from batch.ratelimits import has_rate_headers, retry_after
 from batch.records import Request, Result
-from batch.retry import RetryPolicy, classify, retry_after
+from batch.retry import RetryPolicy, classify
+from batch.tokens import answer_tokens
 
 __all__ = ["Workers"]
 
@@ -118,7 +120,7 @@ class Workers:
             asked = retry_after(exc.headers) if exc.headers else None
             if exc.http_status == 429:
                 pause = limiter.on_rate_limited(exc.headers, reservation)
-                if asked is not None or _has_rate_headers(exc.headers):
+                if asked is not None or has_rate_headers(exc.headers):
                     job.check_wait(pause, exc, "Retry-After" if asked is not None else "x-ratelimit-reset")
             else:
                 limiter.settle(reservation, None)

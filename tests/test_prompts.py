@@ -10,10 +10,10 @@ import orjson
 import pytest
 
 from batch.errors import InputError
-from batch.limiter import prompt_tokens
 from batch.prompts import RequestBuilder
 from batch.records import Row
 from batch.spec import JobSpec, load_job
+from batch.tokens import prompt_tokens
 
 
 def job(**overrides: Any) -> JobSpec:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable, Mapping
-from datetime import UTC, datetime
-from email.utils import format_datetime
 
 import anyio.lowlevel
 import pytest
@@ -17,7 +15,7 @@ from batch.errors import (
     RequestError,
     ResponseError,
 )
-from batch.retry import RetryPolicy, RetrySettings, classify, retry_after
+from batch.retry import RetryPolicy, RetrySettings, classify
 
 
 class FakeClock:
@@ -98,34 +96,6 @@ def test_transport_and_body_errors_are_retried() -> None:
 
 def test_anything_else_is_a_bug_and_stops() -> None:
     assert classify(ValueError("bug")) == "fatal"
-
-
-# ---------------------------------------------------------------- Retry-After
-
-
-def test_retry_after_seconds() -> None:
-    assert retry_after({"retry-after": "7"}) == 7.0
-    assert retry_after({"retry-after": "1.5"}) == 1.5
-
-
-def test_retry_after_http_date() -> None:
-    when = datetime(2030, 1, 1, 0, 0, 30, tzinfo=UTC)
-    now = datetime(2030, 1, 1, tzinfo=UTC).timestamp()
-    assert retry_after({"retry-after": format_datetime(when, usegmt=True)}, lambda: now) == 30.0
-    assert retry_after({"retry-after": format_datetime(when, usegmt=True)}, lambda: now + 60) == 0.0
-
-
-def test_retry_after_ms_wins() -> None:
-    assert retry_after({"retry-after-ms": "250", "retry-after": "1"}) == 0.25
-
-
-@pytest.mark.parametrize("headers", [{}, {"retry-after": "soon"}, {"retry-after": "nan"}, {"retry-after-ms": "x"}])
-def test_retry_after_absent_or_garbage(headers: dict[str, str]) -> None:
-    assert retry_after(headers) is None
-
-
-def test_negative_retry_after_means_now() -> None:
-    assert retry_after({"retry-after": "-3"}) == 0.0
 
 
 # ---------------------------------------------------------------- the policy

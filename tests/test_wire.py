@@ -22,8 +22,9 @@ from batch.client import Client, StreamAssembler, parse_completion
 from batch.errors import APIStatusError, RequestError
 from batch.limiter import Limiter
 from batch.pricing import Price, PriceTable
+from batch.ratelimits import retry_after
 from batch.records import Completion, Usage
-from batch.retry import RetryPolicy, RetrySettings, retry_after
+from batch.retry import RetryPolicy, RetrySettings
 from batch.runner import RunOptions, run_job
 from batch.spec import JobSpec, load_job
 from tests.helpers import prompts, write_jsonl
