@@ -13,9 +13,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from batch.client import Client, Reply, StreamAssembler, Timeouts, parse_completion
 from batch.errors import APIConnectionError, APIStatusError, RequestError, ResponseError
 from batch.records import Completion, Usage
+from batch.wire import Client, Reply, StreamAssembler, Timeouts, parse_completion
 
 BASE = "https://api.test/v1"
 KEY = "sk-secret-0123456789abcdef"
