@@ -48,6 +48,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from batch import __version__
 from batch import writer as out
+from batch.client import Client, Reply, Timeouts
 from batch.errors import (
     APIConnectionError,
     DiskError,
@@ -68,7 +69,6 @@ from batch.records import Request, Result, Row
 from batch.retry import RetryPolicy, RetrySettings, classify, retry_after
 from batch.spec import JobSpec, is_loopback
 from batch.summary import Summary
-from batch.wire import Client, Reply, Timeouts
 
 __all__ = ["RunOptions", "check_api", "job_identity", "run_job"]
 

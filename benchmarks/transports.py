@@ -64,7 +64,7 @@ async def _measure(args: argparse.Namespace) -> dict[str, Any]:
 
         close = session.close
     else:
-        from batch.wire import Client
+        from batch.client import Client
 
         client = Client(base, endpoint="chat", stream=args.stream, api_key="sk-bench",
                         concurrency=c, transport=_transport(args.option, c))

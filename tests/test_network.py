@@ -20,11 +20,11 @@ import pyarrow.parquet as pq
 import pytest
 import trustme
 
+from batch.client import Client, Timeouts
 from batch.errors import APIConnectionError, APIStatusError, ResponseError, UsageError
 from batch.network import Transport
 from batch.retry import classify
 from batch.simulator import SimConfig, SimServer
-from batch.wire import Client, Timeouts
 from tests.helpers import CliRun, prompts, run_cli, write_jsonl
 
 BODY: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": "Say hello"}], "max_tokens": 32}

@@ -18,6 +18,7 @@ import httpx
 import pyarrow.parquet as pq
 import pytest
 
+from batch.client import Client
 from batch.errors import APIStatusError, RequestError
 from batch.limiter import Limiter
 from batch.pricing import Price, PriceTable
@@ -25,7 +26,7 @@ from batch.records import Completion, Usage
 from batch.retry import RetryPolicy, RetrySettings, retry_after
 from batch.runner import RunOptions, run_job
 from batch.spec import JobSpec, load_job
-from batch.wire import Client, StreamAssembler, parse_completion
+from batch.wire import StreamAssembler, parse_completion
 from tests.helpers import prompts, write_jsonl
 
 BASE = "https://gateway.test/v1"
