@@ -13,7 +13,8 @@ from batch.errors import InputError
 from batch.limiter import prompt_tokens
 from batch.prompts import RequestBuilder
 from batch.records import Row
-from batch.spec import JobSpec, load_job
+from batch.spec import JobSpec
+from batch.spec_load import load_job
 
 
 def job(**overrides: Any) -> JobSpec:

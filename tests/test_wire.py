@@ -25,7 +25,8 @@ from batch.pricing import Price, PriceTable
 from batch.records import Completion, Usage
 from batch.retry import RetryPolicy, RetrySettings, retry_after
 from batch.runner import RunOptions, run_job
-from batch.spec import JobSpec, load_job
+from batch.spec import JobSpec
+from batch.spec_load import load_job
 from batch.wire import StreamAssembler, parse_completion
 from tests.helpers import prompts, write_jsonl
 
