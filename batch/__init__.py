@@ -44,7 +44,8 @@ __all__ = [
 # would add Arrow, httpx and anyio to every `promptmill --help`, `simulate` and
 # `import batch.errors` (the cost is in the README, Performance). The modules
 # that hold the names of __all__, cheapest first:
-_HOMES = ("batch.errors", "batch.records", "batch.spec", "batch.summary", "batch.runner", "batch.api")
+_HOMES = ("batch.errors", "batch.records", "batch.spec", "batch.spec_load", "batch.summary", "batch.runner",
+          "batch.api")
 
 
 def __getattr__(name: str) -> Any:
@@ -78,5 +79,6 @@ if TYPE_CHECKING:
     )
     from batch.records import Completion, Request, Result, Row, Usage
     from batch.runner import RunOptions, run_job
-    from batch.spec import JobSpec, load_job
+    from batch.spec import JobSpec
+    from batch.spec_load import load_job
     from batch.summary import Summary

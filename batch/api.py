@@ -30,7 +30,8 @@ import anyio
 
 from batch.errors import JobStopped
 from batch.runner import RunOptions, run_job
-from batch.spec import JobSpec, load_job
+from batch.spec import JobSpec
+from batch.spec_load import load_job
 from batch.summary import Summary
 
 if TYPE_CHECKING:

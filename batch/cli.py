@@ -162,7 +162,7 @@ def _run(args: argparse.Namespace) -> int:
 
         from batch.errors import JobStopped
         from batch.runner import RunOptions, run_job
-        from batch.spec import load_job
+        from batch.spec_load import load_job
         from batch.summary import Summary
 
     spec = load_job(args.job, _overrides(args), check_simulator=_simulator_table_problem)

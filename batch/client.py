@@ -2,9 +2,10 @@
 
 ``Client.complete(body)`` posts one body to ``{base_url}/chat/completions`` or
 ``{base_url}/completions`` and returns a ``Reply``. The wire quirks it absorbs
-(see DESIGN.md, "The wire") live in the two pure parsers, ``parse_completion``
-for JSON bodies and ``StreamAssembler`` for SSE streams, so they can be tested
-and fuzzed without a network.
+(see DESIGN.md, "The wire") live in the pure parsers of ``batch.wire``
+(``parse_completion`` for JSON bodies, ``StreamAssembler`` for SSE streams), so
+they can be tested and fuzzed without a network; this module is the HTTP side,
+over the stack in ``batch.network``.
 
 Every failure is one of three errors from ``batch.errors``:
 
@@ -22,14 +23,10 @@ from __future__ import annotations
 
 import asyncio
 import codecs
-import json
 import logging
-import re
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta, timezone
-from functools import lru_cache
 from types import TracebackType
 from typing import Any, Final, cast
 
@@ -40,27 +37,19 @@ import orjson
 from httpx_sse import EventSource, SSEError
 
 from batch import __version__
-from batch.errors import (
-    APIConnectionError,
-    APIStatusError,
-    BadValueError,
-    RequestError,
-    ResponseError,
-)
+from batch.errors import APIConnectionError, APIStatusError, RequestError, ResponseError
 from batch.network import CertificateError, Transport, proxy_for
-from batch.records import Completion, Usage
+from batch.records import Completion
+from batch.wire import StreamAssembler, clip, error_text, parse_completion
 
 _log = logging.getLogger(__name__)
 
-__all__ = ["CERTIFICATE_ERROR", "Client", "Reply", "StreamAssembler", "Timeouts", "parse_completion"]
+__all__ = ["CERTIFICATE_ERROR", "Client", "Reply", "Timeouts"]
 
 CERTIFICATE_ERROR: Final = "certificate_verify_failed"  # the code of a TLS failure: the job stops
 _PATHS: Final = {"chat": "/chat/completions", "completions": "/completions"}
-_MESSAGE_CHARS: Final = 300  # the server's message is cut to this in our errors
-_SNIPPET_CHARS: Final = 80  # how much of an unusable 2xx body an error quotes
 _ERROR_BODY_BYTES: Final = 64 * 1024  # enough of an error body to find its message
-# A token count must be below this: exact as a float (the summary's JSON, the cost) and in the int64 columns.
-_MAX_COUNT: Final = 2**53
+
 
 @dataclass(frozen=True, slots=True)
 class Timeouts:
@@ -82,426 +71,6 @@ class Reply(msgspec.Struct, frozen=True, gc=False):
     http_status: int
     headers: Mapping[str, str]
     latency_s: float
-
-
-# -- parsing ---------------------------------------------------------------
-
-
-def _clip(text: str, limit: int = _MESSAGE_CHARS) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def _str_or_none(value: object) -> str | None:
-    return value if isinstance(value, str) else None
-
-
-def _token_count(value: object, name: str) -> int:
-    if type(value) is int and 0 <= value < _MAX_COUNT:
-        return value
-    if type(value) is float and 0 <= value < _MAX_COUNT and value.is_integer():
-        return int(value)
-    # checked here, where it enters: the same answer again would be paid again and fail the same way
-    raise BadValueError(f"usage.{name} is not a token count: {_clip(repr(value), _SNIPPET_CHARS)}")
-
-
-def _detail_count(details: object, name: str) -> int | None:
-    # The token details are optional extras: absent, null or odd values mean "not reported";
-    # a count that no column can hold is a bad answer, like one of the main counts.
-    if isinstance(details, dict):
-        value = details.get(name)
-        if type(value) is int and value >= 0:
-            if value >= _MAX_COUNT:
-                raise BadValueError(f"usage.{name} is not a token count: {_clip(repr(value), _SNIPPET_CHARS)}")
-            return value
-    return None
-
-
-def _loads_lenient(data: bytes | str) -> Any:
-    """JSON with invalid UTF-8 or lone surrogates in its strings: each bad piece becomes U+FFFD.
-
-    orjson refuses both; the standard library's parser takes the text decoded with
-    replacement and keeps lone surrogate escapes, which :func:`_valid_text` replaces.
-    Raises ``ValueError`` when the body is not JSON at all.
-    """
-    text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
-    return json.loads(text)
-
-
-def _valid_text(value: str | None) -> str | None:
-    """``value`` with every lone surrogate replaced by U+FFFD (an output column holds valid text only)."""
-    if value is None or value.isascii():
-        return value
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-    return value
-
-
-def _parse_usage(raw: object) -> Usage | None:
-    if raw is None:
-        return None
-    if not isinstance(raw, dict):
-        raise ResponseError(f"usage is not an object: {_clip(repr(raw), _SNIPPET_CHARS)}")
-    prompt = _token_count(raw.get("prompt_tokens"), "prompt_tokens")
-    completion = _token_count(raw.get("completion_tokens"), "completion_tokens")
-    total = raw.get("total_tokens")
-    cached = _detail_count(raw.get("prompt_tokens_details"), "cached_tokens")
-    if cached is None:
-        cached = _detail_count(raw, "prompt_cache_hit_tokens")  # DeepSeek's name for cached input
-    return Usage(
-        prompt_tokens=prompt,
-        completion_tokens=completion,
-        total_tokens=prompt + completion if total is None else _token_count(total, "total_tokens"),
-        cached_tokens=cached,
-        reasoning_tokens=_detail_count(raw.get("completion_tokens_details"), "reasoning_tokens"),
-    )
-
-
-def _usage_of(payload: dict[str, Any]) -> object:
-    """The raw usage of an answer or chunk: ``usage``, or Groq's ``x_groq.usage`` (its streams' last chunk)."""
-    usage = payload.get("usage")
-    if usage is None:
-        extra = payload.get("x_groq")
-        if isinstance(extra, dict):
-            return extra.get("usage")
-    return usage
-
-
-# ISO 8601 ("2021-01-01T00:00:00Z") and Go's time.String() ("2021-01-01 00:00:00 +0000 UTC",
-# possibly with nanoseconds and a trailing zone name or monotonic reading, which are ignored).
-_DATE_RE: Final = re.compile(
-    r"\s*(\d{4})-(\d{2})-(\d{2})"
-    r"(?:[T ](\d{2}):(\d{2})(?::(\d{2})(?:[.,](\d+))?)?)?"
-    r"\s*(Z|[+-]\d{2}(?::?\d{2})?)?",
-    re.ASCII | re.IGNORECASE,
-)
-
-
-@lru_cache(maxsize=64)  # answers in the same second carry the same string
-def _parse_created_str(text: str) -> datetime | None:
-    stripped = text.strip()
-    if stripped.isascii() and stripped.isdigit():
-        return datetime.fromtimestamp(int(stripped), UTC)
-    match = _DATE_RE.match(text)
-    if match is None:
-        return None
-    year, month, day, hour, minute, second, fraction, offset = match.groups()
-    tz: timezone = UTC
-    if offset is not None and offset.upper() != "Z":
-        digits = offset[1:].replace(":", "")
-        delta = timedelta(hours=int(digits[:2]), minutes=int(digits[2:4] or 0))
-        tz = timezone(-delta if offset[0] == "-" else delta)
-    moment = datetime(
-        int(year),
-        int(month),
-        int(day),
-        int(hour or 0),
-        int(minute or 0),
-        int(second or 0),
-        int((fraction or "0")[:6].ljust(6, "0")),
-        tzinfo=tz,
-    )
-    return moment if tz is UTC else moment.astimezone(UTC)
-
-
-@lru_cache(maxsize=64)  # the same second again and again, as with strings
-def _from_timestamp(value: int | float) -> datetime:
-    return datetime.fromtimestamp(value, UTC)
-
-
-def parse_created(value: object) -> datetime | None:
-    """``created`` as an aware UTC datetime: Unix seconds, ISO 8601, or Go's format; else None."""
-    try:
-        if isinstance(value, str):
-            return _parse_created_str(value)
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return _from_timestamp(value)
-    except (ValueError, OverflowError, OSError):
-        return None
-    return None
-
-
-def _content_text(content: object, where: str) -> str:
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        # Content given as parts: [{"type": "text", "text": "..."}, ...]
-        return "".join(
-            part["text"] for part in content if isinstance(part, dict) and isinstance(part.get("text"), str)
-        )
-    raise ResponseError(f"{where} is not a string: {_clip(repr(content), _SNIPPET_CHARS)}")
-
-
-def _choice_text(choice: dict[str, Any], chat: bool) -> tuple[str | None, str | None]:
-    """(text, refusal). Chat answers carry message.content and completions answers carry
-    text; a server answering in the other shape is still understood."""
-    message = choice.get("message")
-    if isinstance(message, dict) and (chat or "text" not in choice):
-        content = message.get("content")
-        refusal = message.get("refusal")
-        if isinstance(refusal, str) and refusal:
-            # A refusal (OpenAI) comes with a null content: no text, which is not an empty one.
-            return (None if content is None else _content_text(content, "choices[0].message.content")), refusal
-        return _content_text(content, "choices[0].message.content"), None
-    if "text" in choice:
-        return _content_text(choice["text"], "choices[0].text"), None
-    if chat:
-        raise ResponseError("choices[0] has no message object")
-    raise ResponseError("choices[0] has no text")
-
-
-def _error_in_body(payload: object) -> tuple[str | None, str | None]:
-    """(code, message) from an error body in any of the shapes servers use."""
-    if not isinstance(payload, dict):
-        return None, None
-    error = payload.get("error", payload)
-    if isinstance(error, str):
-        error = {"message": error, "code": payload.get("code")}
-    if not isinstance(error, dict):
-        return None, None
-    code = error.get("code")
-    if code is None or code == "":
-        code = error.get("type")  # OpenAI leaves code null on some errors; type names them
-    message = error.get("message")
-    if message is None:
-        message = error.get("detail")  # FastAPI-style {"detail": ...}
-    if message is not None and not isinstance(message, str):
-        message = orjson.dumps(message, option=orjson.OPT_NON_STR_KEYS).decode()
-    if isinstance(code, bool) or not isinstance(code, str | int):
-        code = None
-    return (None if code is None else str(code)), message
-
-
-def _error_from_payload(payload: dict[str, Any], what: str) -> ResponseError:
-    code, message = _error_in_body(payload)
-    text = f"{what} carries an error"
-    if code:
-        text += f" ({_clip(code, 60)})"
-    if message:
-        text += f": {_clip(message)}"
-    return ResponseError(text, code=code)
-
-
-def _body_snippet(data: bytes | str) -> str:
-    if isinstance(data, bytes):
-        data = data[: _SNIPPET_CHARS * 4].decode("utf-8", "replace")
-    return _clip(" ".join(data.split()), _SNIPPET_CHARS)
-
-
-def parse_completion(data: bytes, endpoint: str) -> Completion:
-    """Parse a non-streamed JSON answer; raise ``ResponseError`` for anything unusable.
-
-    Invalid UTF-8 or a lone surrogate in a string is kept as U+FFFD, as in a stream:
-    a well-formed answer is never paid for twice because of a bad byte.
-    """
-    lenient = False
-    try:
-        payload = orjson.loads(data)
-    except orjson.JSONDecodeError:
-        if not data:
-            raise ResponseError("empty response body") from None
-        try:
-            payload = _loads_lenient(data)
-        except (ValueError, RecursionError):
-            raise ResponseError(f"response body is not valid JSON: {_body_snippet(data)!r}") from None
-        lenient = True
-    if not isinstance(payload, dict):
-        raise ResponseError(f"response body is not a JSON object: {_body_snippet(data)!r}")
-    choices = payload.get("choices")
-    if not isinstance(choices, list) or not choices:
-        if payload.get("error"):
-            raise _error_from_payload(payload, "response body")
-        if choices == []:
-            raise ResponseError("response has an empty choices list")
-        raise ResponseError("response has no choices list")
-    choice = choices[0]
-    if not isinstance(choice, dict):
-        raise ResponseError("choices[0] is not an object")
-    text, refusal = _choice_text(choice, endpoint == "chat")
-    completion = Completion(
-        text=text,
-        finish_reason=_str_or_none(choice.get("finish_reason")) or None,
-        response_id=_str_or_none(payload.get("id")),
-        model=_str_or_none(payload.get("model")),
-        created=parse_created(payload.get("created")),
-        system_fingerprint=_str_or_none(payload.get("system_fingerprint")),
-        usage=_parse_usage(_usage_of(payload)),
-        refusal=refusal,
-    )
-    return _valid_strings(completion) if lenient else completion
-
-
-def _valid_strings(c: Completion) -> Completion:
-    return msgspec.structs.replace(
-        c,
-        text=None if c.text is None else _valid_text(c.text) or "",
-        refusal=_valid_text(c.refusal),
-        finish_reason=_valid_text(c.finish_reason),
-        response_id=_valid_text(c.response_id),
-        model=_valid_text(c.model),
-        system_fingerprint=_valid_text(c.system_fingerprint),
-    )
-
-
-class StreamAssembler:
-    """Assemble a streamed answer from the ``data`` payloads of its SSE events.
-
-    Feed every payload in order (``[DONE]`` included, if the server sends it), then
-    call ``finish``. Only choice index 0 is assembled. Given a ``clock``, the time
-    from ``started`` to the first non-empty piece of text is the ``ttft_s``.
-    """
-
-    __slots__ = (
-        "_chat",
-        "_chunks",
-        "_clock",
-        "_created",
-        "_done",
-        "_fingerprint",
-        "_finish_reason",
-        "_id",
-        "_lenient",
-        "_model",
-        "_parts",
-        "_refusals",
-        "_started",
-        "_ttft",
-        "_usage",
-    )
-
-    def __init__(
-        self, endpoint: str, *, clock: Callable[[], float] | None = None, started: float = 0.0
-    ) -> None:
-        self._chat = endpoint == "chat"
-        self._clock = clock
-        self._started = started
-        self._parts: list[str] = []
-        self._refusals: list[str] = []
-        self._chunks = 0
-        self._done = False
-        self._finish_reason: str | None = None
-        self._id: str | None = None
-        self._model: str | None = None
-        self._created: object = None
-        self._fingerprint: str | None = None
-        self._usage: object = None  # the latest usage seen, parsed once in finish()
-        self._ttft: float | None = None
-        self._lenient = False  # an event held a lone surrogate: strings are made valid in finish()
-
-    @property
-    def done(self) -> bool:
-        """True once ``[DONE]`` was fed."""
-        return self._done
-
-    def feed(self, data: str) -> None:
-        if self._done:
-            return
-        data = data.strip()
-        if not data:
-            return
-        if data == "[DONE]":
-            self._done = True
-            return
-        try:
-            chunk = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            try:
-                chunk = _loads_lenient(data)
-            except (ValueError, RecursionError):
-                raise ResponseError(f"stream event is not valid JSON: {_body_snippet(data)!r}") from None
-            self._lenient = True
-        if not isinstance(chunk, dict):
-            raise ResponseError(f"stream event is not a JSON object: {_body_snippet(data)!r}")
-        if chunk.get("error"):
-            raise _error_from_payload(chunk, "stream")
-        self._chunks += 1
-        choices = chunk.get("choices")
-        if choices:
-            if not isinstance(choices, list):
-                raise ResponseError("stream event choices is not a list")
-            for choice in choices:
-                if not isinstance(choice, dict):
-                    raise ResponseError("stream event choice is not an object")
-                index = choice.get("index")
-                if index is not None and index != 0:
-                    continue
-                piece = self._piece(choice)
-                if piece:
-                    if self._ttft is None and self._clock is not None:
-                        self._ttft = self._clock() - self._started
-                    self._parts.append(piece)
-                reason = choice.get("finish_reason")
-                if isinstance(reason, str) and reason:
-                    self._finish_reason = reason
-        elif choices is not None and not isinstance(choices, list):
-            raise ResponseError("stream event choices is not a list")
-        usage = _usage_of(chunk)
-        if usage is not None:
-            self._usage = usage
-        if self._id is None:
-            self._id = _str_or_none(chunk.get("id"))
-        if self._model is None:
-            self._model = _str_or_none(chunk.get("model"))
-        if self._created is None:
-            self._created = chunk.get("created")
-        fingerprint = chunk.get("system_fingerprint")
-        if isinstance(fingerprint, str):
-            self._fingerprint = fingerprint
-
-    def _piece(self, choice: dict[str, Any]) -> str:
-        delta = choice.get("delta")
-        if isinstance(delta, dict) and (self._chat or "text" not in choice):
-            refusal = delta.get("refusal")
-            if isinstance(refusal, str) and refusal:
-                self._refusals.append(refusal)
-            return _content_text(delta.get("content"), "delta.content")
-        if "text" in choice:
-            return _content_text(choice["text"], "choices[].text")
-        if delta is not None and not isinstance(delta, dict):
-            raise ResponseError("stream event delta is not an object")
-        return ""
-
-    def finish(self) -> Completion:
-        """The assembled answer; ``ResponseError`` if the stream ended before it was complete."""
-        # [DONE] after some text ends a stream normally even with neither (TGI sends
-        # finish_reason "" on every chunk and no usage).
-        if self._finish_reason is None and self._usage is None and not (self._done and self._parts):
-            if self._chunks == 0:
-                raise ResponseError("stream ended without any answer")
-            raise ResponseError("stream was cut off before its finish_reason or usage")
-        refusal = "".join(self._refusals) or None
-        completion = Completion(
-            text=None if refusal is not None and not self._parts else "".join(self._parts),
-            finish_reason=self._finish_reason,
-            response_id=self._id,
-            model=self._model,
-            created=parse_created(self._created),
-            system_fingerprint=self._fingerprint,
-            usage=_parse_usage(self._usage),
-            ttft_s=self._ttft,
-            refusal=refusal,
-        )
-        return _valid_strings(completion) if self._lenient else completion
-
-
-# -- the HTTP side ---------------------------------------------------------
-
-
-def _error_text(body: bytes) -> tuple[str | None, str | None]:
-    """(code, message) from a non-2xx body: JSON error shapes, HTML pages, plain text, nothing."""
-    try:
-        return _error_in_body(orjson.loads(body))
-    except orjson.JSONDecodeError:
-        pass
-    text = body.decode("utf-8", "replace")
-    if "<" in text:
-        title = re.search(r"<title[^>]*>(.*?)</title>", text, re.IGNORECASE | re.DOTALL)
-        text = title.group(1) if title else re.sub(r"<[^>]*>", " ", text)
-    text = " ".join(text.split())
-    return None, text or None
 
 
 class _CappedResponse:
@@ -634,7 +203,7 @@ class Client:
             raise self._redact(APIConnectionError(message)) from exc
         except CertificateError as exc:
             raise self._redact(APIConnectionError(
-                f"the TLS certificate of {self._url.host} did not verify ({_clip(str(exc), 160)}); "
+                f"the TLS certificate of {self._url.host} did not verify ({clip(str(exc), 160)}); "
                 "if the server uses a private CA, point SSL_CERT_FILE at its certificate",
                 code=CERTIFICATE_ERROR,
             )) from exc
@@ -642,7 +211,7 @@ class Client:
             raise self._redact(APIConnectionError(_transport_message(exc))) from exc
         except OSError as exc:
             # A third-party transport that lets a socket error through unwrapped.
-            raise self._redact(APIConnectionError(_clip(f"{type(exc).__name__}: {exc}"))) from exc
+            raise self._redact(APIConnectionError(clip(f"{type(exc).__name__}: {exc}"))) from exc
         except httpx.DecodingError as exc:
             raise self._redact(ResponseError(f"response body could not be decoded: {exc}")) from exc
         except RequestError as exc:
@@ -686,7 +255,7 @@ class Client:
         try:
             async for event in source.aiter_sse():
                 if event.event == "error":
-                    raise ResponseError(f"stream error event: {_clip(event.data)}")
+                    raise ResponseError(f"stream error event: {clip(event.data)}")
                 # Read on past [DONE] to the end, so the connection can be reused.
                 assembler.feed(event.data)
         except SSEError as exc:
@@ -704,7 +273,7 @@ class Client:
                     break
         except (httpx.TransportError, httpx.DecodingError):
             pass  # the status is what matters; the body was a courtesy
-        code, message = _error_text(b"".join(chunks)[:_ERROR_BODY_BYTES])
+        code, message = error_text(b"".join(chunks)[:_ERROR_BODY_BYTES])
         if self._api_key is not None:
             # Before clipping, so no piece of the key survives at the cut.
             code = code and code.replace(self._api_key, "[redacted]")
@@ -716,16 +285,16 @@ class Client:
             if self._api_key is not None:
                 location = location.replace(self._api_key, "[redacted]")
             return APIStatusError(
-                f"HTTP {status}: redirect to {_clip(location, 120) or '(no location)'} not followed; "
+                f"HTTP {status}: redirect to {clip(location, 120) or '(no location)'} not followed; "
                 "check api.base_url (its scheme, host and version prefix)",
                 http_status=status, headers=response.headers,
             )
         text = f"HTTP {status}"
         shown = code if code != str(status) else None  # a gateway's code can be the status (LiteLLM's "429")
         if shown:
-            text += f" ({_clip(shown, 60)})"
+            text += f" ({clip(shown, 60)})"
         if message:
-            text += f": {_clip(message)}"
+            text += f": {clip(message)}"
         elif not shown:
             text += f" {response.reason_phrase}".rstrip()
         return APIStatusError(text, http_status=status, code=code, headers=response.headers)
@@ -777,9 +346,9 @@ async def _decoded_chunks(response: httpx.Response, limit: int, what: str) -> As
 def _transport_message(exc: httpx.TransportError) -> str:
     detail = str(exc) or type(exc).__name__
     if isinstance(exc, httpx.ConnectError):
-        return _clip(f"could not connect: {detail}")
+        return clip(f"could not connect: {detail}")
     if isinstance(exc, httpx.RemoteProtocolError):
         if detail.startswith("malformed response"):
-            return _clip(detail)
-        return _clip(f"connection closed by the server: {detail}")
-    return _clip(f"{type(exc).__name__}: {detail}")
+            return clip(detail)
+        return clip(f"connection closed by the server: {detail}")
+    return clip(f"{type(exc).__name__}: {detail}")

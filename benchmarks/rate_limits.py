@@ -46,7 +46,8 @@ from batch.prompts import RequestBuilder
 from batch.runner import RunOptions, run_job
 from batch.simulator import count_prompt_tokens
 from batch.sources import open_source
-from batch.spec import JobSpec, load_job
+from batch.spec import JobSpec
+from batch.spec_load import load_job
 
 CASES = {
     "client": ("1. client limits = server's", "openai", True, 0.97, 0.0),

@@ -42,7 +42,7 @@ from batch.prompts import RequestBuilder  # noqa: E402
 from batch.runner import job_identity  # noqa: E402
 from batch.simulator import SimConfig, SimServer  # noqa: E402
 from batch.sources import open_source  # noqa: E402
-from batch.spec import load_job  # noqa: E402
+from batch.spec_load import load_job  # noqa: E402
 
 UNDONE = 10  # rows of the million-row job left for the rerun
 

@@ -21,7 +21,8 @@ import pytest
 
 from batch.runner import RunOptions, run_job
 from batch.simulator import SimServer
-from batch.spec import JobSpec, load_job
+from batch.spec import JobSpec
+from batch.spec_load import load_job
 from tests.helpers import prompts, write_jsonl
 
 MAX_ATTEMPTS = 3

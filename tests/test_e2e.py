@@ -12,7 +12,7 @@ import pytest
 from batch.prompts import RequestBuilder
 from batch.simulator import SimServer, count_prompt_tokens, reply_for
 from batch.sources import open_source
-from batch.spec import load_job
+from batch.spec_load import load_job
 from tests.helpers import prompts, run_cli, write_jsonl, write_parquet
 
 RESULT_TYPES = {

@@ -420,7 +420,7 @@ async def test_a_wait_past_max_wait_s_is_announced_taken_and_logged_as_taken(
     import httpx
 
     from batch.runner import RunOptions, run_job
-    from batch.spec import load_job
+    from batch.spec_load import load_job
 
     class FakeTime:
         def __init__(self) -> None:

@@ -12,7 +12,8 @@ import pytest
 from batch.errors import InputError
 from batch.prompts import RequestBuilder
 from batch.records import Row
-from batch.spec import JobSpec, load_job
+from batch.spec import JobSpec
+from batch.spec_load import load_job
 from batch.tokens import prompt_tokens
 
 

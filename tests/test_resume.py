@@ -23,7 +23,7 @@ import pytest
 
 from batch.errors import JobFileError, OutputBusy
 from batch.simulator import SimConfig, SimServer
-from batch.spec import load_job
+from batch.spec_load import load_job
 from tests.helpers import prompts, run_cli, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]

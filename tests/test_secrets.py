@@ -20,7 +20,7 @@ import pytest
 
 from batch.runner import RunOptions, run_job
 from batch.simulator import SimServer
-from batch.spec import load_job
+from batch.spec_load import load_job
 from batch.store import METADATA_KEY
 from tests.helpers import CliRun, prompts, run_cli, write_jsonl
 

@@ -132,7 +132,7 @@ def test_simulate_with_flags_that_do_not_go_together_is_one_line(capsys: pytest.
 
 
 def test_neither_the_spec_nor_the_runner_imports_the_simulator() -> None:
-    script = "import sys, batch.spec, batch.runner, batch.cli\nprint(sorted(m for m in sys.modules if 'simulator' in m or m == 'uvicorn'))"
+    script = "import sys, batch.spec, batch.spec_load, batch.runner, batch.cli\nprint(sorted(m for m in sys.modules if 'simulator' in m or m == 'uvicorn'))"
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
     assert done.stdout.strip() == "[]"
 
@@ -140,7 +140,7 @@ def test_neither_the_spec_nor_the_runner_imports_the_simulator() -> None:
 async def test_the_runner_asks_for_a_started_simulator(tmp_path: Path) -> None:
     from batch.errors import UsageError
     from batch.runner import RunOptions, run_job
-    from batch.spec import load_job
+    from batch.spec_load import load_job
 
     write_jsonl(tmp_path / "in.jsonl", prompts(2))
     spec = load_job(None, {"input.path": str(tmp_path / "in.jsonl"), "output.path": str(tmp_path / "o.parquet"),

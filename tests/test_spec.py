@@ -10,7 +10,8 @@ import pytest
 
 from batch.errors import JobFileError
 from batch.simulator import table_problem
-from batch.spec import JobSpec, load_job
+from batch.spec import JobSpec
+from batch.spec_load import load_job
 
 GOOD = """\
 [job]

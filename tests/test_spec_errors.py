@@ -13,8 +13,8 @@ import msgspec
 import pytest
 
 from batch.errors import JobFileError
-from batch.spec import load_job
 from batch.spec_errors import describe, dotted, key_lines, split_path, toml_syntax_error
+from batch.spec_load import load_job
 
 MINIMAL = """\
 [input]
@@ -105,7 +105,7 @@ def test_a_key_set_by_an_override_has_no_line(tmp_path: Path) -> None:
 
 def test_a_good_job_does_not_import_the_toml_syntax_tree(tmp_path: Path) -> None:
     (tmp_path / "job.toml").write_text(MINIMAL, encoding="utf-8")
-    code = ("import sys; from batch.spec import load_job; load_job(sys.argv[1]); "
+    code = ("import sys; from batch.spec_load import load_job; load_job(sys.argv[1]); "
             "print(sorted(m for m in sys.modules if m.startswith(('tree_sitter', 'tomlkit'))))")
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "job.toml")],
                          capture_output=True, text=True, check=True).stdout

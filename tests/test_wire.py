@@ -18,7 +18,7 @@ import httpx
 import pyarrow.parquet as pq
 import pytest
 
-from batch.client import Client, StreamAssembler, parse_completion
+from batch.client import Client
 from batch.errors import APIStatusError, RequestError
 from batch.limiter import Limiter
 from batch.pricing import Price, PriceTable
@@ -26,7 +26,9 @@ from batch.ratelimits import retry_after
 from batch.records import Completion, Usage
 from batch.retry import RetryPolicy, RetrySettings
 from batch.runner import RunOptions, run_job
-from batch.spec import JobSpec, load_job
+from batch.spec import JobSpec
+from batch.spec_load import load_job
+from batch.wire import StreamAssembler, parse_completion
 from tests.helpers import prompts, write_jsonl
 
 BASE = "https://gateway.test/v1"

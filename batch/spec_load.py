@@ -1,0 +1,209 @@
+"""Loading a job: the TOML file and the command-line overrides into one validated ``JobSpec``.
+
+``load_job`` reads the file (``tomllib``), refuses a secret in it, lays the dotted
+overrides over it, converts each section with msgspec (``batch.spec`` defines
+them), runs each section's own checks and then those across sections (pass-through
+columns, the endpoint against the messages column, the ``[simulator]`` table).
+The first mistake becomes one :class:`~batch.errors.JobFileError` naming the
+file, the line and the key (``batch.spec_errors`` finds them).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import msgspec
+
+from batch.errors import JobFileError
+from batch.records import OUTPUT_COLUMNS
+from batch.spec import ENV_NAME, JobSpec, PriceSpec, RequestSpec
+from batch.spec_errors import (
+    NOT_SHOWN,
+    Key,
+    Located,
+    describe,
+    looks_secret,
+    shown,
+    toml_syntax_error,
+)
+
+__all__ = ["TableCheck", "load_job"]
+
+_T = TypeVar("_T")
+
+
+def _find_secret(data: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> tuple[str, ...] | None:
+    for key, value in data.items():
+        path = (*prefix, str(key))
+        if prefix == () and key == "simulator":
+            # The simulator's api_key is the key a fake local server expects, not a credential.
+            continue
+        if prefix == ("pricing",):
+            # Model names, not setting names.
+            if isinstance(value, Mapping):
+                found = _find_secret(value, path)
+                if found:
+                    return found
+            continue
+        if looks_secret(str(key)):
+            return path
+        if isinstance(value, str) and value.lstrip().lower().startswith("bearer "):
+            return path
+        if isinstance(value, Mapping):
+            found = _find_secret(value, path)
+            if found:
+                return found
+    return None
+
+
+def _read_toml(path: Path) -> tuple[str, dict[str, Any]]:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise JobFileError("job file not found", path=path) from None
+    except IsADirectoryError:
+        raise JobFileError("is a directory, not a job file", path=path) from None
+    except OSError as exc:
+        raise JobFileError(f"cannot read the job file: {exc.strerror or exc}", path=path) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        bad_line = raw.count(b"\n", 0, exc.start) + 1
+        raise JobFileError("not UTF-8 text, so not a TOML job file", path=path, line=bad_line) from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        message, line = toml_syntax_error(exc, text)
+        raise JobFileError(f"not valid TOML: {message}", path=path, line=line) from None
+    return text, data
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise JobFileError(
+                f"cannot set '{key}': '{'.'.join(parts[: i + 1])}' is not a table", key=key
+            )
+        node = child
+    node[parts[-1]] = value
+
+
+def _path_hook(kind: type, value: Any) -> Any:
+    if kind is Path and isinstance(value, str):
+        return Path(value)
+    raise TypeError("not a path")  # spec_errors.describe says what the field takes
+
+
+def _convert(data: Any, cls: type[_T], located: Located, prefix: Key = ()) -> _T:
+    try:
+        return msgspec.convert(data, cls, strict=True, dec_hook=_path_hook)
+    except msgspec.ValidationError as exc:
+        message, key = describe(exc, cls, data)
+        raise located.error(message, (*prefix, *key)) from None
+
+
+def _check_passthrough(names: tuple[str, ...], located: Located) -> None:
+    """Pass-through columns: each once, none a column promptmill writes itself."""
+    ours = {"id", *OUTPUT_COLUMNS}
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise located.error(f"'{name}' is listed twice", ("input", "passthrough"))
+        if name in ours:
+            what = "the row's id is written as 'id' anyway" if name == "id" else "rename it in the input"
+            raise located.error(f"'{name}' is a column promptmill writes itself; {what}", ("input", "passthrough"))
+
+
+TableCheck = Callable[[Mapping[str, Any]], tuple[str | None, str] | None]
+
+
+def load_job(path: str | Path | None, overrides: Mapping[str, Any] | None = None, *,
+             check_simulator: TableCheck | None = None) -> JobSpec:
+    """Read and validate a job.
+
+    ``path`` is the TOML job file, or ``None`` for a job made of overrides only
+    (then ``input.path``, ``output.path``, ``api.base_url`` and ``request.model``
+    must be among them). ``overrides`` maps dotted keys (``"limits.concurrency"``,
+    ``"api.stream"``, ``"request.model"``, ...) to typed values; they win over the
+    file, and ``None`` values are skipped. Relative paths are relative to the
+    current directory, not to the job file.
+
+    ``check_simulator`` checks the ``[simulator]`` table (the spec keeps it as given and
+    does not import the simulator; the CLI passes ``batch.simulator.table_problem``):
+    it returns (setting or None, message) of the first problem, or None.
+
+    Raises :class:`JobFileError` naming the file, line and key of the first problem.
+    """
+    source = Path(path) if path is not None else None
+    text, data = _read_toml(source) if source is not None else ("", {})
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    located = Located(source, text, set(given))
+
+    secret = _find_secret(data)
+    if secret is None:
+        secret = next((tuple(k.split(".")) for k in given if any(map(looks_secret, k.split(".")))), None)
+    if secret is not None:
+        env = data.get("api", {}).get("api_key_env") if isinstance(data.get("api"), dict) else None
+        env_name = env if isinstance(env, str) and ENV_NAME.fullmatch(env) else "ATOMA_API_KEY"
+        raise located.error(
+            "a job must not hold an API key or other secret; put the key in the environment "
+            f"variable named by api.api_key_env ({env_name})",
+            secret,
+        )
+    if "source" in data:
+        raise located.error("unknown key", ("source",))
+
+    for key, value in given.items():
+        _set_dotted(data, key, value)
+    request = data.get("request")
+    if isinstance(request, dict):
+        # any key RequestSpec does not name goes into the body as it is (RequestSpec refuses the reserved ones)
+        known = {f.encode_name for f in msgspec.structs.fields(RequestSpec)}
+        unknown = {k: v for k, v in request.items() if k not in known}
+        if unknown:
+            extra = request.get("extra", {})
+            data["request"] = {k: v for k, v in request.items() if k in known}
+            data["request"]["extra"] = {**extra, **unknown} if isinstance(extra, dict) else extra
+    for section in ("input", "output", "api", "request"):
+        # An absent section reports its first missing key, not "missing section".
+        data.setdefault(section, {})
+    job = data.get("job")
+    if job is None or isinstance(job, dict):
+        job = data.setdefault("job", {})
+        job.setdefault("name", source.stem if source is not None else "job")
+
+    pricing = data.pop("pricing", {})
+    spec = _convert(data, JobSpec, located)
+    prices = _convert(pricing, dict[str, Any], located, ("pricing",))
+    for model, price in prices.items():
+        if isinstance(price, dict) and "cached_input" not in price and "input" in price:
+            price = {**price, "cached_input": price["input"]}
+        prices[model] = _convert(price, PriceSpec, located, ("pricing", model))
+    for name in ("input", "output", "api", "request"):
+        problem = getattr(spec, name)._problem()
+        if problem is not None:
+            field, message = problem
+            raise located.error(message, (name, field))
+    spec = msgspec.structs.replace(spec, pricing=prices, source=source,
+                                   api=msgspec.structs.replace(spec.api, base_url=spec.api.base_url.rstrip("/")))
+
+    if spec.input.passthrough:
+        _check_passthrough(spec.input.passthrough, located)
+    if spec.api.endpoint == "completions" and spec.input.messages_column is not None:
+        raise located.error(
+            "the completions endpoint takes a prompt, not messages; use endpoint = \"chat\"",
+            ("input", "messages_column"),
+        )
+    if spec.simulator is not None and check_simulator is not None:
+        problem = check_simulator(spec.simulator)
+        if problem is not None:
+            setting, message = problem
+            if "wrong type" in message and setting and setting != "api_key" and setting in spec.simulator:
+                message = f"{message}: {shown(spec.simulator[setting]) or NOT_SHOWN}"  # the fake server's key is never quoted
+            raise located.error(message, ("simulator", setting) if setting else ("simulator",))
+    return spec
