@@ -96,6 +96,7 @@ class PromptmillOperator(BaseOperator):  # type: ignore[misc]  # Airflow is unty
         self.api_key_env = api_key_env
         self.grace_period = grace_period
         self._proc: subprocess.Popen[bytes] | None = None
+        self._kill_timer: threading.Timer | None = None
 
     def command(self, summary_path: Path, ds: str | None) -> list[str]:
         """The child's command line (never the key: that goes in its environment)."""
@@ -141,7 +142,12 @@ class PromptmillOperator(BaseOperator):  # type: ignore[misc]  # Airflow is unty
             )
             relay = threading.Thread(target=self._relay, args=(self._proc,), daemon=True)
             relay.start()
-            code = self._proc.wait()
+            try:
+                code = self._proc.wait()
+            finally:
+                if self._kill_timer is not None:  # the child is gone: on_kill's timer has nothing to kill
+                    self._kill_timer.cancel()
+                    self._kill_timer = None
             relay.join(timeout=10)
             summary: dict[str, Any] = (
                 json.loads(summary_path.read_text()) if summary_path.exists() else {"exit_code": code}
@@ -182,9 +188,9 @@ class PromptmillOperator(BaseOperator):  # type: ignore[misc]  # Airflow is unty
         self.log.info("sending SIGTERM to promptmill (pid %d): it finishes the requests in flight, then stops",
                       proc.pid)
         proc.send_signal(signal.SIGTERM)
-        timer = threading.Timer(self.grace_period + 10, self._kill_if_running, args=(proc,))
-        timer.daemon = True
-        timer.start()
+        self._kill_timer = threading.Timer(self.grace_period + 10, self._kill_if_running, args=(proc,))
+        self._kill_timer.daemon = True
+        self._kill_timer.start()
 
     @staticmethod
     def _kill_if_running(proc: subprocess.Popen[bytes]) -> None:

@@ -7,7 +7,8 @@ as its password and pass ``conn_id=`` to the operator.
 Its files, so the same DAG runs from a checkout and in the tests: the job
 file ``PROMPTMILL_NIGHTLY_JOB``, the input ``PROMPTMILL_NIGHTLY_INPUT`` and the
 output folder ``PROMPTMILL_NIGHTLY_OUT`` (default: this repository's ones, and out/nightly),
-and the connection holding the key ``PROMPTMILL_NIGHTLY_CONN`` (default: none, the simulator needs none).
+the connection holding the key ``PROMPTMILL_NIGHTLY_CONN`` (default: none, the simulator needs none),
+and the task's retries ``PROMPTMILL_NIGHTLY_RETRIES`` (default 2, five minutes apart).
 """
 
 from __future__ import annotations
@@ -24,13 +25,14 @@ REPO = Path(__file__).resolve().parents[2]
 JOB = os.environ.get("PROMPTMILL_NIGHTLY_JOB", str(REPO / "jobs" / "airflow" / "nightly.toml"))
 INPUT = os.environ.get("PROMPTMILL_NIGHTLY_INPUT", str(REPO / "sample_data" / "prompts.jsonl"))
 OUT = os.environ.get("PROMPTMILL_NIGHTLY_OUT", str(REPO / "out" / "nightly"))
+RETRIES = int(os.environ.get("PROMPTMILL_NIGHTLY_RETRIES", "2"))
 
 with DAG(
     dag_id="promptmill_nightly",
     schedule="@daily",
     start_date=datetime(2024, 1, 1),
     catchup=False,
-    default_args={"retries": 2, "retry_delay": timedelta(minutes=5)},
+    default_args={"retries": RETRIES, "retry_delay": timedelta(minutes=5)},
 ) as dag:
     generate = PromptmillOperator(
         task_id="generate",
