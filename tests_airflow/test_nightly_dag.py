@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
-
 from conftest import REPO, airflow_env
 
 RUN_DAG = str(Path(__file__).with_name("run_dag.py"))
