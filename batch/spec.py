@@ -288,6 +288,9 @@ class LimitsSpec(_Spec, frozen=True):
     concurrency: PositiveInt = 32
     rpm: PositiveFloat | None = None
     tpm: PositiveFloat | None = None
+    # USD for the whole output (earlier runs' cost included); see batch.budget
+    budget_usd: PositiveFloat | None = None
+    budget_per_variant: bool = False  # each variant of a sweep its own share of budget_usd
 
 
 class RetrySpec(_Spec, frozen=True):
