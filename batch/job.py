@@ -19,6 +19,7 @@ import anyio.lowlevel
 import msgspec
 from anyio.streams.memory import MemoryObjectSendStream
 
+from batch.budget import Ledger
 from batch.errors import InputChanged, InputError, JobStopped, PromptmillError, RequestError
 from batch.progress import Progress
 from batch.prompts import RequestBuilder
@@ -44,8 +45,10 @@ class Job:
     (:class:`~batch.worker.Workers`) and the flusher."""
 
     def __init__(self, spec: JobSpec, opts: RunOptions, store: OutputStore, summary: Summary,
-                 progress: Progress, secret: str | None = None, input_seen: os.stat_result | None = None) -> None:
+                 progress: Progress, secret: str | None = None, input_seen: os.stat_result | None = None,
+                 money: Ledger | None = None) -> None:
         self.spec = spec
+        self.money = money or Ledger(None, {spec.request.model: None})  # spent, reserved and the budget
         # the API key: redacted from every text a server sent before it is stored or counted
         self.secret = secret if secret and len(secret) >= 4 else None
         self.opts = opts
@@ -84,7 +87,7 @@ class Job:
             result = _redacted(result, self.secret)
         self.store.add(result)
         self.summary.add(result)
-        self.progress.update(result.status == "ok")
+        self.progress.update(result.status == "ok", result.total_tokens or 0)
         self.unflushed += 1
         # half the flush size: the next half can gather while this one is written
         if len(self.store) * 2 >= self.flush_rows:
@@ -128,6 +131,11 @@ class Job:
             return
         self.wait_told = now
         log.warning("still waiting for the server: %s left", span(self.wait_end - now))
+
+    def stop_feeding(self) -> None:
+        """The budget is reached: send nothing more; requests in flight finish (see :mod:`batch.budget`)."""
+        self.stopping = True
+        self.feed_scope.cancel()
 
     def stop_now(self, exc: RequestError | None, message: str | None = None) -> None:
         """A fatal answer: every further request would fail the same way, so stop all of them."""

@@ -44,8 +44,9 @@ import orjson
 import pyarrow as pa
 
 from batch import __version__
+from batch.budget import Ledger, job_prices, open_ledger
 from batch.client import Client, Timeouts
-from batch.errors import DiskError, PromptmillError, UsageError
+from batch.errors import BudgetReached, DiskError, PromptmillError, UsageError
 from batch.job import Job
 from batch.limiter import Limiter
 from batch.progress import Progress
@@ -173,6 +174,7 @@ async def run_job(spec: JobSpec, opts: RunOptions | None = None) -> Summary:
     reader.check()
     _release_memory()
     builder = RequestBuilder(spec)
+    Ledger.check(spec.limits.budget_usd, job_prices(spec))  # a budget with an unpriced model: refused now
     identity = job_identity(spec)
     schema = output_schema(reader.passthrough_schema, _metadata(spec, identity))
     summary = Summary(job=spec.name, output=str(output))
@@ -182,8 +184,9 @@ async def run_job(spec: JobSpec, opts: RunOptions | None = None) -> Summary:
         _release_memory()
         if len(store.index):
             log.info("resuming: %s rows of an earlier run are done and will be skipped", f"{len(store.index):,}")
-        progress = Progress(getattr(reader, "num_rows", None), enabled=opts.progress)
-        job = Job(spec, opts, store, summary, progress, api_key, input_seen)
+        money = open_ledger(spec, output)
+        progress = Progress(getattr(reader, "num_rows", None), enabled=opts.progress, money=money)
+        job = Job(spec, opts, store, summary, progress, api_key, input_seen, money)
         try:
             await _run(job, reader, builder, api_key)
         except ExceptionGroup as group:
@@ -194,6 +197,8 @@ async def run_job(spec: JobSpec, opts: RunOptions | None = None) -> Summary:
             raise first from None
         finally:
             progress.close()
+            if spec.limits.budget_usd is not None:
+                summary.budget = money.as_dict()
             summary.rows_failed_kept = store.index.failed_skipped
             summary.wall_s = opts.clock() - wall_start
             with _signals_held(job):
@@ -289,6 +294,10 @@ async def _run(job: Job, reader: Source, builder: RequestBuilder, api_key: str |
                 for _ in range(concurrency):
                     tg.start_soon(workers.work, receive.clone())
         outer.cancel_scope.cancel()
+    if job.fatal is None and job.money.reached and opts.exit_signal is None:
+        job.fatal = BudgetReached(job.money.stop_text() + "; every finished row is kept: rerun with a higher "
+                                  "budget to carry on")
+        job.summary.stopped = job.money.stop_text()
     if job.fatal is not None:
         raise job.fatal
 

@@ -12,6 +12,7 @@ from functools import partial
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
 
+from batch.budget import worst_case
 from batch.client import Client, Reply
 from batch.errors import APIConnectionError, RequestError
 from batch.job import Job
@@ -35,6 +36,7 @@ class Workers:
         self.client = client
         self.limiter = limiter
         self.policy = policy
+        self.money = job.money
         spec = job.spec
         self.prices = PriceTable(
             {m: Price(p.input, p.output, p.cached_input) for m, p in spec.pricing.items()}
@@ -64,6 +66,13 @@ class Workers:
                     await job.flushed.wait()  # rare: the disk is slower than the answers
                 if job.stopping:
                     break
+                hold = await self.money.reserve(self._variant(request), self._worst_case(request))
+                if hold is None or job.stopping:  # the budget is reached: this row is not sent
+                    if hold is not None:
+                        self.money.release(hold)
+                    elif not self.money.per_variant:
+                        job.stop_feeding()
+                    continue
                 started = clock()
                 job.sent += 1
                 job.in_flight += 1
@@ -74,6 +83,7 @@ class Workers:
                 except RequestError as exc:
                     exc.row_id = request.id
                     outcome = classify(exc)
+                    self.money.release(hold)
                     if outcome == "fatal":
                         job.stop_now(exc)
                         return
@@ -86,7 +96,19 @@ class Workers:
                     job.in_flight -= 1
                 self.down_rows = 0
                 self.last_ok = clock()
-                job.record(self._success(request, reply, attempts))
+                result = self._success(request, reply, attempts)
+                # no usage: counted at the reservation, the worst case
+                self.money.settle(hold, None if result.prompt_tokens is None else result.cost_usd or 0.0)
+                job.record(result)
+
+    def _variant(self, request: Request) -> str:
+        variant: str | None = getattr(request, "variant", None)
+        return variant if variant is not None else self.job.model
+
+    def _worst_case(self, request: Request) -> float:
+        """The most this row may cost (0 for a model without a price: a budget refuses those at start)."""
+        price = self.money.prices.get(self._variant(request))
+        return 0.0 if price is None else worst_case(price, request.est_prompt_tokens, answer_tokens(request.body))
 
     def _outage(self, exc: RequestError, down: bool, now: float) -> bool:
         """Count a failed row toward an outage (``down``: it failed in a way that is retried,
