@@ -31,6 +31,7 @@ from batch.errors import InputError
 from batch.records import Request, Row
 from batch.spec import JobSpec
 from batch.tokens import messages_tokens, tokens_for
+from batch.variants import Variant
 
 __all__ = ["RequestBuilder"]
 
@@ -46,14 +47,14 @@ class Done(Protocol):
 class RequestBuilder:
     """Builds one :class:`~batch.records.Request` per row; cheap enough for every row."""
 
-    def __init__(self, spec: JobSpec) -> None:
+    def __init__(self, spec: JobSpec, variant: Variant | None = None) -> None:
         self.spec = spec
-        self.endpoint = spec.api.endpoint
+        self.endpoint = spec.api.endpoint if variant is None else variant.target.endpoint
         self.chat = self.endpoint == "chat"
-        self.model = spec.request.model
-        self.params = spec.request.params()
-        self.system_prompt = spec.input.system_prompt
-        self.template = spec.input.prompt_template
+        self.model = spec.request.model if variant is None else variant.model
+        self.params = spec.request.params() if variant is None else variant.params
+        self.system_prompt = spec.input.system_prompt if variant is None else variant.system_prompt
+        self.template = spec.input.prompt_template if variant is None else variant.prompt_template
         self.passthrough = spec.input.passthrough
         self.input_path = spec.input.path
         self._system_message = (
@@ -82,13 +83,15 @@ class RequestBuilder:
         body, est, digest = self._body(row)
         return Request(row.index, row.id, body, self._passthrough(row), est, digest)
 
-    def build_unless_done(self, row: Row, done: Done) -> Request | None:
-        """The request for ``row``, or None when ``(id, fingerprint)`` is in ``done``.
+    def build_unless_done(self, row: Row, done: Done, key: str | None = None,
+                          extra: Mapping[str, Any] | None = None) -> Request | None:
+        """The request for ``row``, or None when ``(key, fingerprint)`` is in ``done``
+        (``key``: the row's resume key, its id unless given; ``extra``: body fields added last).
 
         A rerun of a large job skips most rows: this makes no :class:`Request` for them.
         """
-        body, est, digest = self._body(row)
-        if (row.id, digest) in done:
+        body, est, digest = self._body(row, extra)
+        if (row.id if key is None else key, digest) in done:
             return None
         return Request(row.index, row.id, body, self._passthrough(row), est, digest)
 
@@ -98,7 +101,7 @@ class RequestBuilder:
         values = row.values
         return {name: values.get(name) for name in self.passthrough}
 
-    def _body(self, row: Row) -> tuple[dict[str, Any], int, str]:
+    def _body(self, row: Row, extra: Mapping[str, Any] | None = None) -> tuple[dict[str, Any], int, str]:
         body: dict[str, Any] = {"model": self.model}
         if self.chat:
             if row.messages is not None:
@@ -119,6 +122,8 @@ class RequestBuilder:
             body["prompt"] = prompt
             est = tokens_for(len(prompt), 0)
         body.update(self.params)
+        if extra:
+            body.update(extra)
         digest = hashlib.blake2b(
             b"[" + self._endpoint_json + b"," + orjson.dumps(body, option=orjson.OPT_SORT_KEYS) + b"]",
             digest_size=16,

@@ -31,16 +31,23 @@ log = logging.getLogger(__name__)
 class Workers:
     """What the worker tasks of one job share; each task runs :meth:`work`."""
 
-    def __init__(self, job: Job, client: Client, limiter: Limiter, policy: RetryPolicy) -> None:
+    def __init__(self, job: Job, client: Client, limiter: Limiter, policy: RetryPolicy, lane: int = 0) -> None:
         self.job = job
         self.client = client
         self.limiter = limiter
         self.policy = policy
         self.money = job.money
+        self.lane = lane  # the target these workers send to (batch.fanout)
         spec = job.spec
         self.prices = PriceTable(
             {m: Price(p.input, p.output, p.cached_input) for m, p in spec.pricing.items()}
         )
+        # a variant's own price wins over the job's table for its model
+        self.price_of = {
+            v.name: PriceTable({v.model: Price(v.price.input, v.price.output, v.price.cached_input)},
+                               use_defaults=False)
+            for v in job.fanout.variants if v.price is not None
+        }
         self.told: set[str] = set()  # failure codes already logged once
         self.down_after = max(10, 2 * spec.limits.concurrency)
         self.down_rows = 0  # rows failed in a row, in ways that are retried (an outage when it lasts)
@@ -62,6 +69,8 @@ class Workers:
                         break
                 except anyio.EndOfStream:
                     break
+                if self.lane in job.lane_fatal:
+                    continue  # this target answered fatally: its requests are dropped, the others go on
                 while job.in_flight + job.unflushed >= job.max_at_risk and not job.stopping:
                     await job.flushed.wait()  # rare: the disk is slower than the answers
                 if job.stopping:
@@ -85,8 +94,10 @@ class Workers:
                     outcome = classify(exc)
                     self.money.release(hold)
                     if outcome == "fatal":
-                        job.stop_now(exc)
-                        return
+                        job.stop_lane(self.lane, exc)
+                        if job.stopping:
+                            return
+                        continue
                     job.record(self._failure(request, exc, clock() - started))
                     self._tell_first(exc)
                     if self._outage(exc, outcome == "retry" and exc.http_status != 429, clock()):
@@ -157,21 +168,31 @@ class Workers:
         limiter.settle(reservation, reserve - request.est_prompt_tokens + usage.prompt_tokens if usage else None)
         return reply
 
+    def _model(self, request: Request) -> tuple[str, str]:
+        """The model and endpoint a request asked (its variant's)."""
+        fanout = self.job.fanout
+        if request.variant is None:
+            return self.job.model, self.job.endpoint
+        return fanout.model_of[request.variant], fanout.endpoint_of[request.variant]
+
     def _success(self, request: Request, reply: Reply, attempts: int) -> Result:
         c = reply.completion
         u = c.usage
+        model, endpoint = self._model(request)
+        prices = self.price_of.get(request.variant or "", self.prices)
         return Result(
             index=request.index, id=request.id, passthrough=request.passthrough,
-            fingerprint=request.fingerprint, model=self.job.model, endpoint=self.job.endpoint, status="ok",
+            fingerprint=request.fingerprint, model=model, endpoint=endpoint, status="ok",
             text=c.text, refusal=c.refusal, finish_reason=c.finish_reason,
             prompt_tokens=u.prompt_tokens if u else None,
             completion_tokens=u.completion_tokens if u else None,
             total_tokens=u.total_tokens if u else None,
             cached_tokens=u.cached_tokens if u else None,
             reasoning_tokens=u.reasoning_tokens if u else None,
-            cost_usd=self.prices.cost(self.job.model, u),
+            cost_usd=prices.cost(model, u),
             latency_s=reply.latency_s, ttft_s=c.ttft_s, attempts=attempts, http_status=reply.http_status,
             response_id=c.response_id, created=c.created, system_fingerprint=c.system_fingerprint,
+            variant=request.variant, sample=request.sample,
         )
 
     def _tell_first(self, exc: RequestError) -> None:
@@ -187,9 +208,11 @@ class Workers:
                     exc.row_id, exc.message, hint)
 
     def _failure(self, request: Request, exc: RequestError, elapsed: float) -> Result:
+        model, endpoint = self._model(request)
         return Result(
             index=request.index, id=request.id, passthrough=request.passthrough,
-            fingerprint=request.fingerprint, model=self.job.model, endpoint=self.job.endpoint, status="failed",
+            fingerprint=request.fingerprint, model=model, endpoint=endpoint, status="failed",
             latency_s=elapsed, attempts=exc.attempts or 1, http_status=exc.http_status,
             error_code=exc.code or type(exc).__name__, error=exc.message,
+            variant=request.variant, sample=request.sample,
         )
