@@ -175,7 +175,7 @@ def _per_id(v: Variant, score: str) -> dict[Any, float]:
     return {k: total / count for k, (total, count) in sums.items()}
 
 
-def _score_stat(v: Variant, score: str) -> ScoreStat:
+def _score_stat(v: Variant, score: str, resamples: int) -> ScoreStat:
     values = _score_values(v, score)
     kept = [(s, row_id) for s, row_id in zip(values, v.columns["id"], strict=True) if not math.isnan(s)]
     if not kept:
@@ -187,7 +187,7 @@ def _score_stat(v: Variant, score: str) -> ScoreStat:
         low, high = wilson(passed, len(scores))
         return ScoreStat(passed / len(scores), low, high, len(scores))
     # several samples of one row are not independent: resample whole rows
-    mean, low, high = mean_ci(scores, clusters=ids if len(set(ids)) < len(ids) else None)
+    mean, low, high = mean_ci(scores, clusters=ids if len(set(ids)) < len(ids) else None, resamples=resamples)
     return ScoreStat(mean, low, high, len(scores))
 
 
@@ -196,8 +196,8 @@ def _cost_per_row(v: Variant) -> float | None:
     return sum(costs) / len(costs) if costs else None
 
 
-def summarize(data: ReportData) -> list[VariantSummary]:
-    """The summary table's numbers for each variant, in the report's order."""
+def summarize(data: ReportData, resamples: int = 2000) -> list[VariantSummary]:
+    """The summary table's numbers for each variant, in the report's order; ``resamples`` per bootstrap."""
     base = next(v for v in data.variants if v.name == data.baseline)
     base_ids = {s: _per_id(base, s) for s in data.scores}
     base_cost = _cost_per_row(base)
@@ -226,8 +226,9 @@ def summarize(data: ReportData) -> list[VariantSummary]:
             latency_p95=percentile(latency, 95),
             ttft_p50=percentile(ttft, 50) if ttft else None,
             output_tps=sum(c for c, _ in pairs) / sum(t for _, t in pairs) if pairs else None,
-            scores={s: _score_stat(v, s) for s in data.scores},
-            diffs={} if v is base else {s: paired_diff(base_ids[s], _per_id(v, s)) for s in data.scores},
+            scores={s: _score_stat(v, s, resamples) for s in data.scores},
+            diffs={} if v is base else {s: paired_diff(base_ids[s], _per_id(v, s), resamples=resamples)
+                                        for s in data.scores},
             cost_ratio=None if v is base or not base_cost or cost_per_row is None else cost_per_row / base_cost,
         ))
     return out

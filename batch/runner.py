@@ -44,7 +44,7 @@ import msgspec
 import orjson
 import pyarrow as pa
 
-from batch import __version__
+from batch import __version__, variant_summary
 from batch.budget import Ledger, job_prices, open_ledger
 from batch.client import Client, Timeouts
 from batch.errors import BudgetReached, DiskError, JobStopped, PromptmillError, UsageError
@@ -264,6 +264,9 @@ async def _finish(job: Job) -> None:
         await job.flush()
         _release_memory()  # what the run's buffers held, before the merge needs its own
         await anyio.to_thread.run_sync(store.assemble)
+        if job.spec.is_sweep or job.spec.scores:
+            found = await anyio.to_thread.run_sync(variant_summary.section, store.path)
+            summary.variants, summary.variant_lines = found
     except DiskError as exc:
         failed = exc
         summary.stopped = str(exc)

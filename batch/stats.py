@@ -1,8 +1,9 @@
 """The statistics a sweep's summary and report quote: intervals and paired comparisons.
 
-Pure Python (``math``, ``statistics``, ``random``), so the core needs no numpy.
-Every resampling draws from ``random.Random(seed)``: the same input and seed give
-the same interval, in a test and in a report rendered twice.
+Python and Arrow (the bootstrap's draws and sums are vectorised with
+``pyarrow.compute``), so the core needs no numpy. Every resampling is seeded from
+``random.Random(seed)``: the same input and seed give the same interval, in a test
+and in a report rendered twice.
 
 - ``wilson``: the Wilson score interval for a proportion (a pass rate). Unlike the
   textbook ``p ± z·sqrt(p(1-p)/n)`` it stays inside [0, 1] and does not collapse to
@@ -22,7 +23,8 @@ the same interval, in a test and in a report rendered twice.
 - ``percentile``: linear interpolation between order statistics (numpy's default).
 
 NaN values (a failed row has no score) are left out everywhere. A bootstrap costs
-about resamples x clusters random draws: 2,000 resamples of 5,000 rows take about a second.
+about resamples x clusters random draws, done by Arrow in blocks of about a million:
+2,000 resamples of 5,000 rows take about a tenth of a second.
 """
 
 from __future__ import annotations
@@ -32,10 +34,17 @@ import random
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from statistics import NormalDist
+from types import ModuleType
+
+import pyarrow as pa
+
+from batch._startup import compute
 
 __all__ = ["PairedDiff", "mcnemar_exact", "mean_ci", "paired_diff", "percentile", "wilson"]
 
 _NAN = math.nan
+# random draws per Arrow block: bounds a bootstrap's memory (16 bytes a draw) whatever its size
+_DRAWS_PER_BLOCK = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,24 +124,38 @@ def _bootstrap(
     """Percentile interval of the pooled mean over clusters drawn with replacement.
 
     Cluster i holds ``counts[i]`` values adding up to ``sums[i]``; a resample's mean
-    is the sum of its clusters' sums over the sum of their counts.
+    is the sum of its clusters' sums over the sum of their counts. Vectorised with
+    Arrow: each block of resamples draws its indices from ``pyarrow.compute.random``
+    seeded from ``random.Random(seed)``, takes the sums, and reads each resample's
+    total off a running sum (so the same seed gives the same interval).
     """
     _z(confidence)  # validates
     if resamples < 1:
         raise ValueError(f"resamples must be >= 1, not {resamples}")
+    pc = compute()
     rng = random.Random(seed)
     k = len(sums)
-    if len(set(counts)) == 1:  # the usual case, and twice as fast: the divisor is fixed
-        total = counts[0] * k
-        stats = [math.fsum(rng.choices(sums, k=k)) / total for _ in range(resamples)]
-    else:
-        clusters = list(zip(sums, counts, strict=True))
-        stats = []
-        for _ in range(resamples):
-            drawn = rng.choices(clusters, k=k)
-            stats.append(math.fsum(s for s, _ in drawn) / math.fsum(c for _, c in drawn))
+    values = pa.array(sums, pa.float64())
+    weights = None if len(set(counts)) == 1 else pa.array(counts, pa.float64())
+    per_block = max(1, _DRAWS_PER_BLOCK // k)
+    stats: list[float] = []
+    for first in range(0, resamples, per_block):
+        m = min(per_block, resamples - first)
+        drawn = pc.random(m * k, initializer=rng.getrandbits(63))
+        index = pc.min_element_wise(pc.cast(pc.floor(pc.multiply(drawn, k)), pa.int64()), k - 1)
+        totals = _block_totals(pc, pc.take(values, index), m, k)
+        if weights is None:
+            stats += [t / (counts[0] * k) for t in totals]
+        else:
+            stats += [t / c for t, c in zip(totals, _block_totals(pc, pc.take(weights, index), m, k), strict=True)]
     tail = (1.0 - confidence) / 2.0 * 100.0
     return (percentile(stats, tail), percentile(stats, 100.0 - tail))
+
+
+def _block_totals(pc: ModuleType, drawn: pa.Array, m: int, k: int) -> list[float]:
+    """The sums of ``m`` consecutive runs of ``k`` values: differences of the running sum at each run's end."""
+    ends = pc.take(pc.cumulative_sum(drawn), pa.array(range(k - 1, m * k, k), pa.int64())).to_pylist()
+    return [end - before for end, before in zip(ends, [0.0, *ends[:-1]], strict=True)]
 
 
 def mean_ci(

@@ -91,6 +91,9 @@ class Summary:
     stopped: str | None = None  # why the job ended early, if it did
     errors: dict[str, int] = field(default_factory=dict)
     budget: dict[str, Any] | None = None  # with a budget: batch.budget.Ledger.as_dict()
+    # a sweep or a scored job: each variant's numbers and its lines (batch.variant_summary)
+    variants: list[dict[str, Any]] | None = None
+    variant_lines: list[str] = field(default_factory=list)
     _p50_p95: tuple[int, list[float | None]] | None = field(default=None, init=False, repr=False, compare=False)
 
     def add(self, r: Result) -> None:
@@ -153,6 +156,7 @@ class Summary:
             "latency_p50_s": None if p50 is None else round(p50, 4),
             "latency_p95_s": None if p95 is None else round(p95, 4),
             "budget": self.budget,
+            **({"variants": self.variants} if self.variants is not None else {}),
         }
 
     def to_json(self) -> bytes:
@@ -198,6 +202,7 @@ class Summary:
         if d["errors"]:
             errs = ", ".join(f"{k}: {v:,}" for k, v in d["errors"].items())
             lines.append(f"  failures  {errs}")
+        lines += self.variant_lines
         lines.append(f"  output    {self.output}")
         return "\n".join(lines)
 

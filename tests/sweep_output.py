@@ -16,6 +16,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from batch.simulator import SimServer
+from tests.helpers import write_jsonl
+
 VARIANTS = {
     "small-t0": {"model": "sim-small", "temperature": 0.0},
     "small-t7": {"model": "sim-small", "temperature": 0.7},
@@ -118,3 +121,36 @@ def write_sweep_output(path: Path, rows: list[dict[str, Any]] | None = None, *,
                        metadata={b"promptmill.job": json.dumps(job_metadata(sweep=sweep_metadata, baseline=baseline)).encode()})
     pq.write_table(pa.Table.from_pylist([{k: v for k, v in r.items() if k in schema.names} for r in rows], schema), path)
     return rows
+
+
+# --- a sweep job on the simulator ---------------------------------------------------
+
+ROWS = [{"id": f"q{i}", "prompt": f"What is {i} + {2 * i}?", "answer": 3 * i} for i in range(5)]
+
+
+def sweep_job(tmp_path: Path, sim: SimServer, extra_variant: str = "") -> Path:
+    """A 2 models x 2 temperatures x 3 samples sweep over ROWS on the simulator, scored; ``extra_variant`` is appended."""
+    inp = write_jsonl(tmp_path / "in.jsonl", ROWS)
+    job = tmp_path / "job.toml"
+    job.write_text(f"""
+[input]
+path = "{inp}"
+[output]
+path = "{tmp_path / 'out.parquet'}"
+[api]
+base_url = "{sim.base_url}"
+[request]
+model = "sim-small"
+max_tokens = 16
+[sweep]
+samples = 3
+[sweep.grid]
+model = ["sim-small", "sim-large"]
+temperature = [0.0, 0.7]
+[[sweep.score]]
+name = "correct"
+kind = "number"
+reference = "answer"
+{extra_variant}
+""")
+    return job

@@ -10,41 +10,13 @@ import pytest
 
 from batch.simulator import SimServer
 from batch.variants import sample_seed
-from tests.helpers import run_cli, write_jsonl
-
-ROWS = [{"id": f"q{i}", "prompt": f"What is {i} + {2 * i}?", "answer": 3 * i} for i in range(5)]
-
-
-def _job(tmp_path: Path, sim: SimServer, extra_variant: str = "") -> Path:
-    inp = write_jsonl(tmp_path / "in.jsonl", ROWS)
-    job = tmp_path / "job.toml"
-    job.write_text(f"""
-[input]
-path = "{inp}"
-[output]
-path = "{tmp_path / 'out.parquet'}"
-[api]
-base_url = "{sim.base_url}"
-[request]
-model = "sim-small"
-max_tokens = 16
-[sweep]
-samples = 3
-[sweep.grid]
-model = ["sim-small", "sim-large"]
-temperature = [0.0, 0.7]
-[[sweep.score]]
-name = "correct"
-kind = "number"
-reference = "answer"
-{extra_variant}
-""")
-    return job
+from tests.helpers import run_cli
+from tests.sweep_output import ROWS, sweep_job
 
 
 def test_a_2x2x3_grid_gives_12_rows_per_id_each_sent_with_its_parameters(
         tmp_path: Path, sim: SimServer, capsys: pytest.CaptureFixture[str]) -> None:
-    run = run_cli(capsys, "run", _job(tmp_path, sim), "--no-progress")
+    run = run_cli(capsys, "run", sweep_job(tmp_path, sim), "--no-progress")
     assert run.code == 0, run.err
     rows = pq.read_table(tmp_path / "out.parquet").to_pylist()
     per_id = collections.Counter(r["id"] for r in rows)
@@ -67,9 +39,9 @@ def test_a_2x2x3_grid_gives_12_rows_per_id_each_sent_with_its_parameters(
 
 def test_adding_a_variant_sends_only_its_requests(
         tmp_path: Path, sim: SimServer, capsys: pytest.CaptureFixture[str]) -> None:
-    assert run_cli(capsys, "run", _job(tmp_path, sim), "--no-progress").code == 0
+    assert run_cli(capsys, "run", sweep_job(tmp_path, sim), "--no-progress").code == 0
     before = len(sim.stats["params_seen"])
-    job = _job(tmp_path, sim, '[[sweep.variant]]\nname = "top"\nmodel = "sim-large"\ntop_p = 0.5\n')
+    job = sweep_job(tmp_path, sim, '[[sweep.variant]]\nname = "top"\nmodel = "sim-large"\ntop_p = 0.5\n')
     assert run_cli(capsys, "run", job, "--no-progress").code == 0
     new = sim.stats["params_seen"][before:]
     assert len(new) == 15 and all(b.get("top_p") == 0.5 for b in new)
