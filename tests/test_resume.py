@@ -92,6 +92,22 @@ def wait_for(what: Callable[[], bool], proc: subprocess.Popen[str], timeout: flo
         time.sleep(0.01)
 
 
+def kill_after(job: Path, sim: SimServer, mores: tuple[int | None, ...],
+               started: Callable[[], bool] = lambda: True) -> int:
+    """Start the job and SIGKILL it once the simulator has seen ``more`` further requests (None: once
+    ``started()``), for each of ``mores``; the number of kills."""
+    for more in mores:
+        proc = start(job)
+        if more is None:
+            wait_for(started, proc)
+        else:
+            target = requests(sim) + more
+            wait_for(lambda t=target: requests(sim) >= t, proc)  # type: ignore[misc]
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=10)
+    return len(mores)
+
+
 def parts(outp: Path) -> list[Path]:
     return sorted(outp.with_name(outp.name + ".parts").glob("run-*.arrow"))
 
@@ -127,18 +143,8 @@ def test_sigkill_at_several_points_then_rerun_finishes_every_row_once(sim: SimSe
     outp = tmp_path / "out" / "res.parquet"
     job = write_job(tmp_path / "job.toml", sim, inp, outp, concurrency=concurrency, flush_rows=flush_rows)
 
-    kills = 0
     # at start-up (before a request), then after 100, 300 and 500 more requests
-    for more in (None, 100, 300, 500):
-        proc = start(job)
-        if more is None:
-            wait_for(lambda: outp.with_name("res.parquet.parts").joinpath("lock").exists(), proc)
-        else:
-            target = requests(sim) + more
-            wait_for(lambda t=target: requests(sim) >= t, proc)  # type: ignore[misc]
-        proc.send_signal(signal.SIGKILL)
-        proc.communicate(timeout=10)
-        kills += 1
+    kills = kill_after(job, sim, (None, 100, 300, 500), lambda: outp.with_name("res.parquet.parts").joinpath("lock").exists())
 
     code, out, err = run(job)
     assert code == 0, err
