@@ -171,8 +171,10 @@ class Client:
     async def aclose(self) -> None:
         await self._transport.aclose()
 
-    async def complete(self, body: dict[str, Any]) -> Reply:
-        """Send one request body; return the parsed answer or raise a ``RequestError``."""
+    async def complete(self, body: dict[str, Any], n: int = 1) -> Reply:
+        """Send one request body; return the parsed answer or raise a ``RequestError``.
+
+        ``n`` > 1: the body asks for ``n`` choices, and the answer keeps them all."""
         if self._stream:
             if "stream_options" in body:
                 options = body["stream_options"]
@@ -191,9 +193,9 @@ class Client:
                 # asyncio's own timeout costs half of anyio's cancel scope; same TimeoutError,
                 # and an enclosing anyio cancel scope still wins when both fire.
                 async with asyncio.timeout(self._total):
-                    return await self._send(content, started)
+                    return await self._send(content, started, n)
             with anyio.fail_after(self._total):
-                return await self._send(content, started)
+                return await self._send(content, started, n)
         except TimeoutError:
             raise self._redact(
                 APIConnectionError(f"no complete answer within {self._total:g}s (total timeout)")
@@ -217,7 +219,7 @@ class Client:
         except RequestError as exc:
             raise self._redact(exc) from None
 
-    async def _send(self, content: bytes, started: float) -> Reply:
+    async def _send(self, content: bytes, started: float, n: int = 1) -> Reply:
         # What httpx.AsyncClient.stream() does, minus its per-request work (header merging,
         # auth and redirect flows, cookies): straight to the transport, which never redirects.
         request = httpx.Request(
@@ -237,10 +239,10 @@ class Client:
             if not 200 <= status < 300:
                 raise await self._status_error(response)
             if self._stream and "json" not in response.headers.get("content-type", ""):
-                completion = await self._read_stream(response, started)
+                completion = await self._read_stream(response, started, n)
             else:
                 # A non-stream request, or a server that ignored "stream": a JSON body.
-                completion = parse_completion(await self._read_body(response), self._endpoint)
+                completion = parse_completion(await self._read_body(response), self._endpoint, n)
         finally:
             await response.aclose()
         return Reply(completion, status, response.headers, self._clock() - started)
@@ -249,8 +251,8 @@ class Client:
         chunks = [chunk async for chunk in _decoded_chunks(response, self._max_body, "response body")]
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
-    async def _read_stream(self, response: httpx.Response, started: float) -> Completion:
-        assembler = StreamAssembler(self._endpoint, clock=self._clock, started=started)
+    async def _read_stream(self, response: httpx.Response, started: float, n: int = 1) -> Completion:
+        assembler = StreamAssembler(self._endpoint, clock=self._clock, started=started, n=n)
         source = EventSource(cast(httpx.Response, _CappedResponse(response, self._max_body)))
         try:
             async for event in source.aiter_sse():

@@ -6,6 +6,11 @@ carries its variant's name, its sample number and its lane (the target whose
 workers send it); a sample whose variant sets no ``seed`` sends
 :func:`batch.variants.sample_seed` of the row id and sample number, so a rerun
 asks the same. The resume key is (id, variant, sample).
+
+With ``sample_mode = "n"`` a (row, variant) is one request with ``n = samples``
+(and the seed of sample 0), keyed by sample 0: its answer's choices become the
+rows of samples 0 .. n-1, recorded together (:func:`batch.choices.per_choice`),
+so sample 0 done with the same body means every sample is.
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ class Fanout:
         self.variants = variants if variants is not None else spec.variants()
         self.sweep = spec.is_sweep
         self.samples = spec.samples
+        # sample_mode = "n": one request a (row, variant) answers every sample
+        self.choices = self.samples if self.sweep and spec.sweep is not None and spec.sweep.sample_mode == "n" else 1
         self.targets: list[Target] = list(dict.fromkeys(v.target for v in self.variants))
         lane_of = {t: i for i, t in enumerate(self.targets)}
         self._arms = [(v, lane_of[v.target], RequestBuilder(spec, v), "seed" in v.params,
@@ -50,7 +57,7 @@ class Fanout:
         """The requests ``row`` still needs, and how many an earlier run finished."""
         out: list[Request] = []
         skipped = 0
-        for sample in range(self.samples):
+        for sample in range(self.samples // self.choices):
             for variant, lane, builder, seeded, _ in self._arms:
                 extra: Mapping[str, Any] | None = None
                 key = row.id
@@ -58,14 +65,17 @@ class Fanout:
                     key = sweep_key(row.id, variant.name, sample)
                     if not seeded:
                         extra = {"seed": sample_seed(row.id, sample)}
+                    if self.choices > 1:
+                        extra = {**(extra or {}), "n": self.choices}
                 if done:
                     request = builder.build_unless_done(row, done, key, extra)
                 else:
                     request = builder.build_unless_done(row, _NOTHING, key, extra)
                 if request is None:
-                    skipped += 1
+                    skipped += self.choices
                     continue
-                out.append(msgspec.structs.replace(request, variant=variant.name, sample=sample, lane=lane))
+                out.append(msgspec.structs.replace(request, variant=variant.name, sample=sample, lane=lane,
+                                                   choices=self.choices))
         return out, skipped
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import msgspec
 
-__all__ = ["OUTPUT_COLUMNS", "Completion", "Request", "Result", "Row", "Usage"]
+__all__ = ["OUTPUT_COLUMNS", "Choice", "Completion", "Request", "Result", "Row", "Usage"]
 
 #: The columns promptmill writes for every row, in output order, after the id and
 #: the pass-through columns (their Arrow types are ``batch.store.RESULT_FIELDS``).
@@ -36,6 +36,14 @@ class Usage(msgspec.Struct, frozen=True, gc=False):
     reasoning_tokens: int | None = None
 
 
+class Choice(msgspec.Struct, frozen=True, gc=False):
+    """One further choice of an answer asked with ``n`` (``sample_mode = "n"``)."""
+
+    text: str | None
+    finish_reason: str | None
+    refusal: str | None = None
+
+
 class Completion(msgspec.Struct, frozen=True, gc=False):
     """A parsed successful answer (non-streamed body or an assembled stream)."""
 
@@ -48,6 +56,8 @@ class Completion(msgspec.Struct, frozen=True, gc=False):
     usage: Usage | None
     ttft_s: float | None = None
     refusal: str | None = None
+    # choices 1 .. n-1 of a request asked with n (sample_mode = "n"; None: not sent), else empty
+    more: tuple[Choice | None, ...] = ()
 
 
 class Row(msgspec.Struct, frozen=True, gc=False):
@@ -81,6 +91,7 @@ class Request(msgspec.Struct, frozen=True, gc=False):
     variant: str | None = None  # the variant's name (batch.variants); None outside a run
     sample: int = 0
     lane: int = 0  # which target's workers send it
+    choices: int = 1  # sample_mode = "n": one request answers samples 0 .. choices - 1
 
 
 class Result(msgspec.Struct, frozen=True, gc=False):

@@ -14,15 +14,14 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta, timezone
-from functools import lru_cache
 from typing import Any, Final
 
 import msgspec
 import orjson
 
 from batch.errors import BadValueError, ResponseError
-from batch.records import Completion, Usage
+from batch.records import Choice, Completion, Usage
+from batch.wire_dates import parse_created
 
 __all__ = ["StreamAssembler", "clip", "error_text", "parse_completion", "parse_created"]
 
@@ -114,60 +113,6 @@ def _usage_of(payload: dict[str, Any]) -> object:
     return usage
 
 
-# ISO 8601 ("2021-01-01T00:00:00Z") and Go's time.String() ("2021-01-01 00:00:00 +0000 UTC",
-# possibly with nanoseconds and a trailing zone name or monotonic reading, which are ignored).
-_DATE_RE: Final = re.compile(
-    r"\s*(\d{4})-(\d{2})-(\d{2})"
-    r"(?:[T ](\d{2}):(\d{2})(?::(\d{2})(?:[.,](\d+))?)?)?"
-    r"\s*(Z|[+-]\d{2}(?::?\d{2})?)?",
-    re.ASCII | re.IGNORECASE,
-)
-
-
-@lru_cache(maxsize=64)  # answers in the same second carry the same string
-def _parse_created_str(text: str) -> datetime | None:
-    stripped = text.strip()
-    if stripped.isascii() and stripped.isdigit():
-        return datetime.fromtimestamp(int(stripped), UTC)
-    match = _DATE_RE.match(text)
-    if match is None:
-        return None
-    year, month, day, hour, minute, second, fraction, offset = match.groups()
-    tz: timezone = UTC
-    if offset is not None and offset.upper() != "Z":
-        digits = offset[1:].replace(":", "")
-        delta = timedelta(hours=int(digits[:2]), minutes=int(digits[2:4] or 0))
-        tz = timezone(-delta if offset[0] == "-" else delta)
-    moment = datetime(
-        int(year),
-        int(month),
-        int(day),
-        int(hour or 0),
-        int(minute or 0),
-        int(second or 0),
-        int((fraction or "0")[:6].ljust(6, "0")),
-        tzinfo=tz,
-    )
-    return moment if tz is UTC else moment.astimezone(UTC)
-
-
-@lru_cache(maxsize=64)  # the same second again and again, as with strings
-def _from_timestamp(value: int | float) -> datetime:
-    return datetime.fromtimestamp(value, UTC)
-
-
-def parse_created(value: object) -> datetime | None:
-    """``created`` as an aware UTC datetime: Unix seconds, ISO 8601, or Go's format; else None."""
-    try:
-        if isinstance(value, str):
-            return _parse_created_str(value)
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return _from_timestamp(value)
-    except (ValueError, OverflowError, OSError):
-        return None
-    return None
-
-
 def _content_text(content: object, where: str) -> str:
     if content is None:
         return ""
@@ -237,8 +182,10 @@ def _body_snippet(data: bytes | str) -> str:
     return clip(" ".join(data.split()), _SNIPPET_CHARS)
 
 
-def parse_completion(data: bytes, endpoint: str) -> Completion:
+def parse_completion(data: bytes, endpoint: str, n: int = 1) -> Completion:
     """Parse a non-streamed JSON answer; raise ``ResponseError`` for anything unusable.
+
+    ``n`` > 1 (a request asked with ``n``): choices 1 .. n-1 are kept in ``more`` too.
 
     Invalid UTF-8 or a lone surrogate in a string is kept as U+FFFD, as in a stream:
     a well-formed answer is never paid for twice because of a bad byte.
@@ -276,8 +223,22 @@ def parse_completion(data: bytes, endpoint: str) -> Completion:
         system_fingerprint=_str_or_none(payload.get("system_fingerprint")),
         usage=_parse_usage(_usage_of(payload)),
         refusal=refusal,
+        more=_more_choices(choices, endpoint == "chat", n) if n > 1 else (),
     )
     return _valid_strings(completion) if lenient else completion
+
+
+def _more_choices(found: list[Any], chat: bool, n: int) -> tuple[Choice | None, ...]:
+    """Choices 1 .. n-1 by their ``index`` (else their place in the list); None for one not sent."""
+    more: list[Choice | None] = [None] * (n - 1)
+    for place, choice in enumerate(found):
+        if not isinstance(choice, dict):
+            raise ResponseError(f"choices[{place}] is not an object")
+        index = choice.get("index", place)
+        if isinstance(index, int) and 0 < index < n:
+            text, refusal = _choice_text(choice, chat)
+            more[index - 1] = Choice(text, _str_or_none(choice.get("finish_reason")) or None, refusal)
+    return tuple(more)
 
 
 def _valid_strings(c: Completion) -> Completion:
@@ -289,6 +250,8 @@ def _valid_strings(c: Completion) -> Completion:
         response_id=_valid_text(c.response_id),
         model=_valid_text(c.model),
         system_fingerprint=_valid_text(c.system_fingerprint),
+        more=tuple(None if m is None else Choice(_valid_text(m.text), _valid_text(m.finish_reason),
+                                                 _valid_text(m.refusal)) for m in c.more),
     )
 
 
@@ -296,7 +259,8 @@ class StreamAssembler:
     """Assemble a streamed answer from the ``data`` payloads of its SSE events.
 
     Feed every payload in order (``[DONE]`` included, if the server sends it), then
-    call ``finish``. Only choice index 0 is assembled. Given a ``clock``, the time
+    call ``finish``. Only choice index 0 is assembled, unless ``n`` > 1 (a request asked
+    with ``n``): then choices 1 .. n-1 go to ``more``. Given a ``clock``, the time
     from ``started`` to the first non-empty piece of text is the ``ttft_s``.
     """
 
@@ -311,6 +275,7 @@ class StreamAssembler:
         "_id",
         "_lenient",
         "_model",
+        "_more",
         "_parts",
         "_refusals",
         "_started",
@@ -319,13 +284,16 @@ class StreamAssembler:
     )
 
     def __init__(
-        self, endpoint: str, *, clock: Callable[[], float] | None = None, started: float = 0.0
+        self, endpoint: str, *, clock: Callable[[], float] | None = None, started: float = 0.0, n: int = 1
     ) -> None:
         self._chat = endpoint == "chat"
         self._clock = clock
         self._started = started
         self._parts: list[str] = []
         self._refusals: list[str] = []
+        # choices 1 .. n-1: (text pieces, refusal pieces, finish reasons) each
+        self._more: list[tuple[list[str], list[str], list[str]]] | None = (
+            [([], [], []) for _ in range(n - 1)] if n > 1 else None)
         self._chunks = 0
         self._done = False
         self._finish_reason: str | None = None
@@ -373,8 +341,10 @@ class StreamAssembler:
                     raise ResponseError("stream event choice is not an object")
                 index = choice.get("index")
                 if index is not None and index != 0:
+                    if self._more is not None and isinstance(index, int) and 0 < index <= len(self._more):
+                        self._more_piece(self._more[index - 1], choice)
                     continue
-                piece = self._piece(choice)
+                piece = self._piece(choice, self._refusals)
                 if piece:
                     if self._ttft is None and self._clock is not None:
                         self._ttft = self._clock() - self._started
@@ -397,12 +367,19 @@ class StreamAssembler:
         if isinstance(fingerprint, str):
             self._fingerprint = fingerprint
 
-    def _piece(self, choice: dict[str, Any]) -> str:
+    def _more_piece(self, entry: tuple[list[str], list[str], list[str]], choice: dict[str, Any]) -> None:
+        parts, refusals, reasons = entry
+        if piece := self._piece(choice, refusals):
+            parts.append(piece)
+        if isinstance(reason := choice.get("finish_reason"), str) and reason:
+            reasons.append(reason)
+
+    def _piece(self, choice: dict[str, Any], refusals: list[str]) -> str:
         delta = choice.get("delta")
         if isinstance(delta, dict) and (self._chat or "text" not in choice):
             refusal = delta.get("refusal")
             if isinstance(refusal, str) and refusal:
-                self._refusals.append(refusal)
+                refusals.append(refusal)
             return _content_text(delta.get("content"), "delta.content")
         if "text" in choice:
             return _content_text(choice["text"], "choices[].text")
@@ -429,6 +406,9 @@ class StreamAssembler:
             usage=_parse_usage(self._usage),
             ttft_s=self._ttft,
             refusal=refusal,
+            more=tuple(None if not (p or r or f) else Choice(None if r and not p else "".join(p),
+                                                             f[-1] if f else None, "".join(r) or None)
+                       for p, r, f in self._more or ()),
         )
         return _valid_strings(completion) if self._lenient else completion
 

@@ -13,6 +13,7 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from batch.budget import worst_case
+from batch.choices import per_choice
 from batch.client import Client, Reply
 from batch.errors import APIConnectionError, RequestError
 from batch.job import Job
@@ -98,7 +99,8 @@ class Workers:
                         if job.stopping:
                             return
                         continue
-                    job.record(self._failure(request, exc, clock() - started))
+                    for each in per_choice(self._failure(request, exc, clock() - started), request.choices):
+                        job.record(each)
                     self._tell_first(exc)
                     if self._outage(exc, outcome == "retry" and exc.http_status != 429, clock()):
                         return
@@ -110,7 +112,8 @@ class Workers:
                 result = self._success(request, reply, attempts)
                 # no usage: counted at the reservation, the worst case
                 self.money.settle(hold, None if result.prompt_tokens is None else result.cost_usd or 0.0)
-                job.record(result)
+                for each in per_choice(result, request.choices, reply.completion):
+                    job.record(each)
 
     def _variant(self, request: Request) -> str:
         variant: str | None = getattr(request, "variant", None)
@@ -145,7 +148,7 @@ class Workers:
         reserve = request.est_prompt_tokens + answer_tokens(body)
         reservation = await limiter.acquire(reserve)
         try:
-            reply = await client.complete(body)
+            reply = await client.complete(body, request.choices)
         except APIConnectionError:
             limiter.release(reservation)
             raise
