@@ -120,6 +120,8 @@ def reply_for(body: Mapping[str, Any], index: int = 0) -> Reply:
 
 
 _SUM = re.compile(r"What is (-?\d+) \+ (-?\d+)\?")
+# a judge's question (jobs/judge.example.toml): the last number of the proposed answer, the reference
+_JUDGE = re.compile(r"Proposed answer:(?:.*?(-?\d+))?[^\n\d-]*\nReference answer: *(-?\d+)", re.DOTALL)
 
 
 def _last_text(body: Mapping[str, Any]) -> str:
@@ -139,15 +141,23 @@ def error_rate(model: str, temperature: float) -> float:
 
 
 def arithmetic(body: Mapping[str, Any], digest: bytes) -> str | None:
-    """The answer to a sum question, right or off by 1 to 9 as :func:`error_rate` says, or None."""
-    found = _SUM.search(_last_text(body))
-    if found is None:
-        return None
-    right = int(found.group(1)) + int(found.group(2))
+    """The answer to a sum question, right or off by 1 to 9 as :func:`error_rate` says, or None.
+
+    A judge's question ("Proposed answer: ... Reference answer: N") gets ``VERDICT: 1`` when
+    the proposed answer's last number is N, else ``VERDICT: 0``, wrong as often.
+    """
+    text = _last_text(body)
     temperature = body.get("temperature")
     t = float(temperature) if isinstance(temperature, int | float) and not isinstance(temperature, bool) else 0.0
     draw = int.from_bytes(digest[:4], "big") / 2**32
     wrong = draw < error_rate(str(body.get("model")), t)
+    judged = _JUDGE.search(text)
+    if judged is not None:
+        return f"VERDICT: {int((judged.group(1) == judged.group(2)) != wrong)}"
+    found = _SUM.search(text)
+    if found is None:
+        return None
+    right = int(found.group(1)) + int(found.group(2))
     value = right + (1 + digest[4] % 9) * (1 if digest[5] % 2 else -1) if wrong else right
     return f"The answer is {value}."
 
