@@ -74,6 +74,11 @@ class Scenario:
     concurrency: int
     baseline: bool = True  # also run the baseline (it keeps every result in memory)
     goals: tuple[tuple[str, str, float], ...] = ()  # (metric, "min"/"max", bound) for promptmill
+    sweep: tuple[int, int] | None = None  # (variants, samples): each input row is that many output rows
+
+    @property
+    def per_row(self) -> int:
+        return 1 if self.sweep is None else self.sweep[0] * self.sweep[1]
 
     def ideal_s(self, rows: int) -> float | None:
         if self.latency_ms <= 0:
@@ -86,6 +91,8 @@ SCENARIOS: dict[str, Scenario] = {
     for s in (
         Scenario("burst", "0 ms, c256", 20_000, 2_000, 0, 256,
                  goals=(("rows_s", "min", 1200), ("cpu_per_1k", "max", 0.4))),
+        # burst's rows x 4 variants (temperatures) x 2 samples; goal: rows/s within 10% of burst's
+        Scenario("sweep", "0 ms, c256, 4x2", 20_000, 2_000, 0, 256, baseline=False, sweep=(4, 2)),
         Scenario("large", "0 ms, c256", 200_000, 4_000, 0, 256,
                  goals=(("rows_s", "min", 1900), ("rss_mb", "max", 200))),
         Scenario("million", "0 ms, c256", 1_000_000, 5_000, 0, 256, baseline=False,
@@ -475,16 +482,20 @@ def _timeout(args: argparse.Namespace, rows: int, ideal: float | None) -> float:
 def run_client(runner: str, scenario: Scenario, rows: int, input_path: Path, sim: Simulator,
                args: argparse.Namespace, workdir: Path) -> RunResult:
     output = workdir / f"out-{scenario.name}-{runner}.parquet"
+    rows_in, rows = rows, rows * scenario.per_row
     for leftover in (output, output.with_name(output.name + ".summary.json")):
         leftover.unlink(missing_ok=True)
     shutil.rmtree(output.with_name(output.name + ".parts"), ignore_errors=True)
-    if runner == "promptmill":
+    if runner == "promptmill" and scenario.sweep is not None:
+        argv = [sys.executable, "-m", "batch", "run", str(_sweep_job(scenario, input_path, output, sim, workdir)),
+                "--concurrency", str(scenario.concurrency), "--no-progress", "-q"]
+    elif runner == "promptmill":
         argv = [sys.executable, "-m", "batch", "run", "--input", str(input_path), "--output", str(output),
                 "--base-url", sim.base_url, "--model", MODEL, "--concurrency", str(scenario.concurrency),
                 "--no-progress", "-q"]
     elif runner == "raw client":
         argv = [sys.executable, str(Path(__file__).resolve()), "_raw", "--port", str(sim.port),
-                "--connections", str(scenario.concurrency), "--rows", str(rows)]
+                "--connections", str(scenario.concurrency), "--rows", str(rows_in)]
     else:
         argv = [sys.executable, str(Path(__file__).resolve()), "_baseline", "--input", str(input_path),
                 "--output", str(output), "--base-url", sim.base_url, "--model", MODEL,
@@ -514,11 +525,33 @@ def run_client(runner: str, scenario: Scenario, rows: int, input_path: Path, sim
     if result.ok != rows:
         result.notes.append(f"{rows - result.ok:,} rows not ok")
     stats = sim.stats()
-    if stats.get("repeats") and runner != "raw client":  # it sends 64 bodies over and over
+    # the raw client sends 64 bodies over and over; a sweep asks each prompt once per variant and sample
+    if stats.get("repeats") and runner != "raw client" and scenario.sweep is None:
         result.notes.append(f"{stats['repeats']:,} repeated requests")
     for leftover in (output, output.with_name(output.name + ".summary.json")):
         leftover.unlink(missing_ok=True)
     return result
+
+
+def _sweep_job(scenario: Scenario, input_path: Path, output: Path, sim: Simulator, workdir: Path) -> Path:
+    """A sweep over the input: ``variants`` temperatures x ``samples`` samples, on the simulator."""
+    assert scenario.sweep is not None
+    variants, samples = scenario.sweep
+    temperatures = ", ".join(f"{i / variants:g}" for i in range(variants))
+    job = workdir / f"{scenario.name}.toml"
+    job.write_text(f'[input]\npath = "{input_path}"\n[output]\npath = "{output}"\n'
+                   f'[api]\nbase_url = "{sim.base_url}"\n[request]\nmodel = "{MODEL}"\n'
+                   f"[sweep]\nsamples = {samples}\n[sweep.grid]\ntemperature = [{temperatures}]\n")
+    return job
+
+
+def _against_burst(results: list[RunResult]) -> None:
+    """The sweep's goal: its rows/s within 10% of the plain burst's, noted beside it."""
+    burst = next((r for r in results if r.scenario == "burst" and r.runner == "promptmill" and not r.error), None)
+    for r in results:
+        if burst is not None and r.scenario == "sweep" and r.runner == "promptmill" and burst.rows_s:
+            ratio = r.rows_s / burst.rows_s
+            r.notes.append(f"{ratio:.2f}x burst's rows/s: {'ok' if ratio >= 0.9 else 'MISSED'} (goal: within 10%)")
 
 
 # --- the table ---------------------------------------------------------------------------------
@@ -771,6 +804,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     finally:
         _stop_all()
+    _against_burst(results)
     print(render(results, capacity, args, sizes))
     return 1 if any(r.error for r in results) else 0
 
