@@ -12,7 +12,8 @@ The body keeps a fixed order: ``model``, ``messages``/``prompt``,
 ``max_tokens``, then ``temperature``, ``top_p``, ``stop``, ``seed``, ``n`` when
 set, then the job's extra body fields. ``Request.fingerprint`` is a short hash
 of the endpoint and the body, so a changed prompt or parameter shows up as a
-changed fingerprint.
+changed fingerprint. A job's schema is in the body (``response_format`` or
+``guided_json``), or, with ``send_schema = false``, hashed with it.
 
 ``Request.est_prompt_tokens`` is a rough count for rate limiting, no tokenizer:
 characters of text / 4 plus 4 per message (``batch.tokens``, the one estimator).
@@ -30,6 +31,7 @@ import orjson
 from batch.errors import InputError
 from batch.records import Request, Row
 from batch.spec import JobSpec
+from batch.structured import OutputFormat
 from batch.tokens import messages_tokens, tokens_for
 
 __all__ = ["RequestBuilder"]
@@ -51,7 +53,16 @@ class RequestBuilder:
         self.endpoint = spec.api.endpoint
         self.chat = self.endpoint == "chat"
         self.model = spec.request.model
+        out = spec.output
+        #: the job's structured output (``[output] schema``), or None
+        self.format = (OutputFormat(out.schema, name=spec.name, send=out.send_schema, strict=out.strict,
+                                    flatten=out.flatten, parse_attempts=out.parse_attempts)
+                       if out.schema is not None else None)
         self.params = spec.request.params()
+        if self.format is not None:
+            self.params.update(self.format.body_fields(self.endpoint))
+        # a schema not sent is not in the body: it joins the fingerprint itself, so a new one redoes the rows
+        self._salt = b"," + self.format.fingerprint_salt() if self.format and not self.format.send else b""
         self.system_prompt = spec.input.system_prompt
         self.template = spec.input.prompt_template
         self.passthrough = spec.input.passthrough
@@ -120,7 +131,7 @@ class RequestBuilder:
             est = tokens_for(len(prompt), 0)
         body.update(self.params)
         digest = hashlib.blake2b(
-            b"[" + self._endpoint_json + b"," + orjson.dumps(body, option=orjson.OPT_SORT_KEYS) + b"]",
+            b"[" + self._endpoint_json + b"," + orjson.dumps(body, option=orjson.OPT_SORT_KEYS) + self._salt + b"]",
             digest_size=16,
         ).hexdigest()
         return body, est, digest

@@ -107,3 +107,6 @@ class Result(msgspec.Struct, frozen=True, gc=False):
     response_id: str | None = None
     created: datetime | None = None
     system_fingerprint: str | None = None
+    # structured output only: the parsed answer's column values, and how many answers broke the schema
+    columns: Mapping[str, Any] | None = None
+    invalid_answers: int = 0

@@ -3,7 +3,9 @@
 :func:`classify` is the one place that reads the outcome table of the design:
 
     retry   408, 409, 425, 429 (not a spent quota), 5xx, connection errors and
-            timeouts, cut-off streams and unparseable bodies (ResponseError)
+            timeouts, cut-off streams and unparseable bodies (ResponseError),
+            an answer that breaks the job's schema (InvalidOutputError: asked
+            again at once, no backoff, until ``output.parse_attempts`` re-asks)
     fail    any other 4xx (400, 404, 413, 422, ...), and a 2xx holding a value no
             column can hold (BadValueError): the row fails, the job goes on
     fatal   401, 402, 403, and a 429 whose code says the quota or balance is spent
@@ -51,6 +53,7 @@ from batch.errors import (
     APIConnectionError,
     APIStatusError,
     BadValueError,
+    InvalidOutputError,
     RequestError,
     ResponseError,
 )
@@ -81,6 +84,8 @@ def classify(exc: BaseException) -> Outcome:
     """
     if isinstance(exc, BadValueError):
         return "fail"  # a value no column can hold: the same answer again would be paid again
+    if isinstance(exc, InvalidOutputError):
+        return "fail" if exc.final else "retry"  # the re-asks output.parse_attempts allows are spent
     if isinstance(exc, APIConnectionError):
         # A certificate that does not verify fails every request to that server the same way.
         return "fatal" if exc.code == "certificate_verify_failed" else "retry"
@@ -130,6 +135,8 @@ class _Wait(wait_base):
     def __call__(self, retry_state: RetryCallState) -> float:
         s = self._settings
         exc = retry_state.outcome.exception() if retry_state.outcome else None
+        if isinstance(exc, InvalidOutputError):
+            return 0.0  # the server is fine, the answer was not: ask again at once
         if isinstance(exc, RequestError):
             if self._paced_429 and exc.http_status == 429:
                 return self._rng.uniform(0.0, s.initial_wait_s / 10.0)

@@ -174,7 +174,8 @@ async def run_job(spec: JobSpec, opts: RunOptions | None = None) -> Summary:
     _release_memory()
     builder = RequestBuilder(spec)
     identity = job_identity(spec)
-    schema = output_schema(reader.passthrough_schema, _metadata(spec, identity))
+    schema = output_schema(reader.passthrough_schema, _metadata(spec, identity),
+                           builder.format.fields if builder.format else ())
     summary = Summary(job=spec.name, output=str(output))
     opts.summary = summary
 
@@ -277,7 +278,7 @@ async def _run(job: Job, reader: Source, builder: RequestBuilder, api_key: str |
         concurrency=concurrency, timeouts=timeouts, transport=opts.transport,
         max_body_bytes=int(spec.api.max_response_mb * 2**20),
     ) as client, anyio.create_task_group() as outer:
-        workers = Workers(job, client, limiter, policy)
+        workers = Workers(job, client, limiter, policy, builder.format)
         outer.start_soon(job.flush_forever)
         if opts.handle_signals:
             outer.start_soon(_watch_signals, job)

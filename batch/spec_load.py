@@ -10,6 +10,7 @@ file, the line and the key (``batch.spec_errors`` finds them).
 
 from __future__ import annotations
 
+import logging
 import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -33,6 +34,7 @@ from batch.spec_errors import (
 __all__ = ["TableCheck", "load_job"]
 
 _T = TypeVar("_T")
+log = logging.getLogger(__name__)
 
 
 def _find_secret(data: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> tuple[str, ...] | None:
@@ -119,6 +121,42 @@ def _check_passthrough(names: tuple[str, ...], located: Located) -> None:
             raise located.error(f"'{name}' is a column promptmill writes itself; {what}", ("input", "passthrough"))
 
 
+def _load_schema(spec: JobSpec, located: Located) -> JobSpec:
+    """Read ``output.schema_file`` into ``output.schema`` and check the schema: a mistake is one
+    line naming the file (or the job file's line) and the JSON pointer."""
+    from batch.structured import OutputFormat, SchemaProblem, check_schema, read_schema_file
+
+    out = spec.output
+    schema: Any = out.schema
+    try:
+        if out.schema_file is not None:
+            schema = read_schema_file(Path(out.schema_file))
+        check_schema(schema)
+        fmt = OutputFormat(schema, name=spec.name, send=out.send_schema, strict=out.strict,
+                           flatten=out.flatten, parse_attempts=out.parse_attempts)
+    except SchemaProblem as exc:
+        message = f"at JSON pointer {exc.pointer}: {exc.message}"
+        if out.schema_file is not None:
+            raise JobFileError(message, path=out.schema_file) from None
+        raise located.error(message, ("output", "schema", *map(str, exc.path))) from None
+    except Exception as exc:  # fastjsonschema refusing to compile it (a bad regex, ...)
+        where = out.schema_file
+        message = f"the validator cannot compile the schema: {exc}"
+        if where is not None:
+            raise JobFileError(message, path=where) from None
+        raise located.error(message, ("output", "schema")) from None
+    taken = {"id", *OUTPUT_COLUMNS, *spec.input.passthrough}
+    clash = [name for name in fmt.names if name in taken]
+    if clash:
+        raise located.error(f"the schema's property '{clash[0]}' would be a column of the same name as one "
+                            "promptmill (or input.passthrough) writes; rename it or set flatten = false",
+                            ("output", "flatten"))
+    for where in fmt.columns.as_text:
+        log.warning("%s: the schema at %s has no single column type; that field is kept as JSON text",
+                    out.schema_file or spec.source or "the job", where)
+    return msgspec.structs.replace(spec, output=msgspec.structs.replace(out, schema=schema))
+
+
 TableCheck = Callable[[Mapping[str, Any]], tuple[str | None, str] | None]
 
 
@@ -199,6 +237,8 @@ def load_job(path: str | Path | None, overrides: Mapping[str, Any] | None = None
             "the completions endpoint takes a prompt, not messages; use endpoint = \"chat\"",
             ("input", "messages_column"),
         )
+    if spec.output.schema is not None or spec.output.schema_file is not None:
+        spec = _load_schema(spec, located)
     if spec.simulator is not None and check_simulator is not None:
         problem = check_simulator(spec.simulator)
         if problem is not None:

@@ -8,18 +8,20 @@ from __future__ import annotations
 
 import logging
 from functools import partial
+from typing import Any
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from batch.client import Client, Reply
-from batch.errors import APIConnectionError, RequestError
+from batch.errors import APIConnectionError, InvalidOutputError, RequestError
 from batch.job import Job
 from batch.limiter import Limiter
 from batch.pricing import Price, PriceTable
 from batch.ratelimits import has_rate_headers, retry_after
-from batch.records import Request, Result
+from batch.records import Request, Result, Usage
 from batch.retry import RetryPolicy, classify
+from batch.structured import Invalid, OutputFormat
 from batch.tokens import answer_tokens
 
 __all__ = ["Workers"]
@@ -30,8 +32,10 @@ log = logging.getLogger(__name__)
 class Workers:
     """What the worker tasks of one job share; each task runs :meth:`work`."""
 
-    def __init__(self, job: Job, client: Client, limiter: Limiter, policy: RetryPolicy) -> None:
+    def __init__(self, job: Job, client: Client, limiter: Limiter, policy: RetryPolicy,
+                 output_format: OutputFormat | None = None) -> None:
         self.job = job
+        self.format = output_format  # structured output: every answer is checked against its schema
         self.client = client
         self.limiter = limiter
         self.policy = policy
@@ -67,26 +71,32 @@ class Workers:
                 started = clock()
                 job.sent += 1
                 job.in_flight += 1
+                invalid: list[Reply] = []  # paid answers that broke the schema
                 try:
-                    reply, attempts = await policy.call(
-                        partial(self._attempt, request), row_id=request.id
-                    )
+                    if self.format is None:
+                        reply, attempts = await policy.call(partial(self._attempt, request), row_id=request.id)
+                        parsed = None
+                    else:
+                        (reply, parsed), attempts = await policy.call(
+                            partial(self._checked, request, self.format, invalid), row_id=request.id
+                        )
                 except RequestError as exc:
                     exc.row_id = request.id
                     outcome = classify(exc)
                     if outcome == "fatal":
                         job.stop_now(exc)
                         return
-                    job.record(self._failure(request, exc, clock() - started))
+                    job.record(self._failure(request, exc, clock() - started, invalid))
                     self._tell_first(exc)
-                    if self._outage(exc, outcome == "retry" and exc.http_status != 429, clock()):
+                    down = outcome == "retry" and exc.http_status != 429 and not isinstance(exc, InvalidOutputError)
+                    if self._outage(exc, down, clock()):
                         return
                     continue
                 finally:
                     job.in_flight -= 1
                 self.down_rows = 0
                 self.last_ok = clock()
-                job.record(self._success(request, reply, attempts))
+                job.record(self._success(request, reply, attempts, parsed, invalid))
 
     def _outage(self, exc: RequestError, down: bool, now: float) -> bool:
         """Count a failed row toward an outage (``down``: it failed in a way that is retried,
@@ -135,9 +145,29 @@ class Workers:
         limiter.settle(reservation, reserve - request.est_prompt_tokens + usage.prompt_tokens if usage else None)
         return reply
 
-    def _success(self, request: Request, reply: Reply, attempts: int) -> Result:
+    async def _checked(self, request: Request, fmt: OutputFormat, invalid: list[Reply]) -> tuple[Reply, Any]:
+        """One attempt at a structured row: the answer parsed and validated, or InvalidOutputError
+        (asked again by the retry policy; ``final`` once ``output.parse_attempts`` re-asks are spent)."""
+        reply = await self._attempt(request)
+        text = reply.completion.text
+        try:
+            return reply, fmt.validator.parse(text)
+        except Invalid as exc:
+            invalid.append(reply)
+            raise InvalidOutputError(
+                f"the answer does not follow the schema at {exc.pointer}: {exc.message}",
+                pointer=exc.pointer, raw=text, reply=reply, final=len(invalid) > fmt.parse_attempts,
+            ) from None
+
+    def _success(self, request: Request, reply: Reply, attempts: int, parsed: Any = None,
+                 invalid: list[Reply] | None = None) -> Result:
         c = reply.completion
         u = c.usage
+        columns = None
+        if self.format is not None:
+            columns = self.format.values(parsed, len(invalid or ()))
+            if invalid:
+                u = _paid([*invalid, reply])  # every answer was paid for, the ones asked again too
         return Result(
             index=request.index, id=request.id, passthrough=request.passthrough,
             fingerprint=request.fingerprint, model=self.job.model, endpoint=self.job.endpoint, status="ok",
@@ -150,6 +180,7 @@ class Workers:
             cost_usd=self.prices.cost(self.job.model, u),
             latency_s=reply.latency_s, ttft_s=c.ttft_s, attempts=attempts, http_status=reply.http_status,
             response_id=c.response_id, created=c.created, system_fingerprint=c.system_fingerprint,
+            columns=columns, invalid_answers=len(invalid or ()),
         )
 
     def _tell_first(self, exc: RequestError) -> None:
@@ -164,10 +195,35 @@ class Workers:
         log.warning("row %s failed: %s%s (rows failing the same way are counted in the summary)",
                     exc.row_id, exc.message, hint)
 
-    def _failure(self, request: Request, exc: RequestError, elapsed: float) -> Result:
+    def _failure(self, request: Request, exc: RequestError, elapsed: float, invalid: list[Reply]) -> Result:
+        columns = None if self.format is None else self.format.values(None, len(invalid))
+        u = _paid(invalid) if invalid else None  # answers that broke the schema were paid for
         return Result(
             index=request.index, id=request.id, passthrough=request.passthrough,
             fingerprint=request.fingerprint, model=self.job.model, endpoint=self.job.endpoint, status="failed",
             latency_s=elapsed, attempts=exc.attempts or 1, http_status=exc.http_status,
             error_code=exc.code or type(exc).__name__, error=exc.message,
+            # the last answer's text is kept, so a row that never followed the schema can be read
+            text=invalid[-1].completion.text if invalid else None,
+            prompt_tokens=u.prompt_tokens if u else None,
+            completion_tokens=u.completion_tokens if u else None,
+            total_tokens=u.total_tokens if u else None,
+            cached_tokens=u.cached_tokens if u else None,
+            reasoning_tokens=u.reasoning_tokens if u else None,
+            cost_usd=self.prices.cost(self.job.model, u) if u else None,
+            columns=columns, invalid_answers=len(invalid),
         )
+
+
+def _paid(replies: list[Reply]) -> Usage | None:
+    """The usage of several answers to one row, summed (None when none of them reported any)."""
+    usages = [r.completion.usage for r in replies if r.completion.usage is not None]
+    if not usages:
+        return None
+    return Usage(
+        prompt_tokens=sum(u.prompt_tokens for u in usages),
+        completion_tokens=sum(u.completion_tokens for u in usages),
+        total_tokens=sum(u.total_tokens for u in usages),
+        cached_tokens=sum(u.cached_tokens or 0 for u in usages),
+        reasoning_tokens=sum(u.reasoning_tokens or 0 for u in usages),
+    )

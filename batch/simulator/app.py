@@ -26,7 +26,7 @@ from typing import Any
 import orjson
 from starlette.types import Receive, Scope, Send
 
-from batch.simulator import bodies, faults, replies
+from batch.simulator import bodies, faults, replies, structured
 from batch.simulator.replies import Reply
 from batch.simulator.settings import SimConfig, public_config
 from batch.simulator.state import SimState
@@ -137,7 +137,13 @@ def parse(sim: SimState, raw: bytes, chat: bool) -> _Request | _Refusal:
     max_tokens = replies.max_tokens(body)
     digests = [replies.digest(body, i) for i in range(n)]
     sim.count_seen(digests[0][:16])
-    answers = [replies.reply_from_digest(d, max_tokens) for d in digests]
+    schema = structured.schema_of(body)
+    if schema is None:
+        answers = [replies.reply_from_digest(d, max_tokens) for d in digests]
+    else:
+        asked = sim.count_asked(digests[0][:16])
+        rate = sim.config.invalid_output_rate
+        answers = [structured.structured_reply(schema, d, asked, rate, max_tokens) for d in digests]
     return _Request(chat, body, n, max_tokens, digests, answers, replies.count_prompt_tokens(body))
 
 

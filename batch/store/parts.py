@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
-from batch.arrowutil import read_parquet_columns
+from batch.arrowutil import array_of, read_parquet_columns
 from batch.errors import DiskError, OutputError
 from batch.records import Result
 from batch.store.atomic import atomic_write
@@ -125,7 +125,10 @@ class PartWriter:
         self.run = run
         self._folder = parts_dir(output)
         self._folder.mkdir(parents=True, exist_ok=True)
-        self._passthrough = [f.name for f in schema if f.name != "id" and f.name not in RESULT_NAMES]
+        # id, the pass-through columns, the result columns, then (a structured job) the parsed answer's
+        first = schema.get_field_index(RESULT_NAMES[0])
+        self._passthrough = schema.names[1:first]
+        self._extra = schema.names[first + len(RESULT_NAMES):]
         self._part = 0
         self.rows_flushed = 0
         self.unwritten: list[pa.Table] = []
@@ -135,6 +138,7 @@ class PartWriter:
         self._ids: list[str] = []
         self._pass: dict[str, list[Any]] = {n: [] for n in self._passthrough}
         self._cols: dict[str, list[Any]] = {n: [] for n in RESULT_NAMES}
+        self._more: dict[str, list[Any]] = {n: [] for n in self._extra}
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -148,6 +152,10 @@ class PartWriter:
         for name in _DIRECT:
             cols[name].append(getattr(result, name))
         cols["request_fingerprint"].append(result.fingerprint)
+        if self._extra:
+            more = result.columns or {}
+            for name, col in self._more.items():
+                col.append(more.get(name))
 
     def take(self) -> pa.Table | None:
         """Swap out the buffer as a table (on the event loop), to be written by :meth:`write`.
@@ -170,6 +178,7 @@ class PartWriter:
         arrays = [pa.array(self._ids, pa.string())]
         arrays += [pa.array(self._pass[f.name], f.type) for f in self.schema if f.name in self._pass]
         arrays += [pa.array(self._cols[f.name], f.type) for f in RESULT_FIELDS]
+        arrays += [array_of(self._more[name], self.schema.field(name).type) for name in self._extra]
         return pa.Table.from_arrays(arrays, schema=self.schema)
 
     def _fail_unstorable_rows(self) -> None:
@@ -177,9 +186,9 @@ class PartWriter:
         types = {f.name: f.type for f in self.schema}
         for i in range(len(self._ids)):
             bad = None
-            for name, col in (("id", self._ids), *self._pass.items(), *self._cols.items()):
+            for name, col in (("id", self._ids), *self._pass.items(), *self._cols.items(), *self._more.items()):
                 try:
-                    pa.array([col[i]], types[name])
+                    array_of([col[i]], types[name])
                 except _UNSTORABLE as exc:
                     bad = (name, col[i], type(exc).__name__)
                     break
@@ -201,6 +210,8 @@ class PartWriter:
             for cname in RESULT_NAMES:
                 if cname not in _KEPT_ON_FAILURE:
                     cols[cname][i] = None
+            for col in self._more.values():
+                col[i] = None
             cols["status"][i] = "failed"
             cols["error_code"][i] = "bad_response"
             cols["error"][i] = reason

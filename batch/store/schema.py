@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import pyarrow as pa
 
@@ -40,7 +40,9 @@ RESULT_NAMES = tuple(f.name for f in RESULT_FIELDS)
 METADATA_KEY = b"promptmill.job"
 
 
-def output_schema(passthrough: pa.Schema, metadata: Mapping[bytes, bytes] | None = None) -> pa.Schema:
-    """The output's fixed schema: ``id``, the pass-through columns, then the result columns."""
-    fields = [pa.field("id", pa.string()), *passthrough, *RESULT_FIELDS]
+def output_schema(passthrough: pa.Schema, metadata: Mapping[bytes, bytes] | None = None,
+                  extra: Sequence[pa.Field] = ()) -> pa.Schema:
+    """The output's fixed schema: ``id``, the pass-through columns, the result columns, then ``extra``
+    (a structured job's parsed answer, filled from ``Result.columns``)."""
+    fields = [pa.field("id", pa.string()), *passthrough, *RESULT_FIELDS, *extra]
     return pa.schema(fields, metadata=dict(metadata) if metadata else None)
