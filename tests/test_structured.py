@@ -239,3 +239,16 @@ def test_rerun_sends_nothing_and_a_new_schema_redoes_the_rows(
     assert sim.stats["requests"] == sent + 12, text  # every row redone
     assert table is not None and table.num_rows == 12
     assert "note" in {f.name for f in table.schema.field("parsed").type}
+
+
+def test_a_score_reads_a_parsed_field() -> None:
+    from batch.scores import Scorer, ScoreSpec
+
+    scorer = Scorer([ScoreSpec("answer", "exact_match", reference="gold", field="parsed.answer"),
+                     ScoreSpec("year", "number", reference="year", field="parsed.source.year"),
+                     ScoreSpec("whole", "json_valid")])
+    row = {"gold": "Paris", "year": 1999, "parsed": {"answer": " paris ", "source": {"year": 1999}}}
+    text = '{"answer": " paris ", "source": {"year": 1999}}'
+    assert scorer.score(text, row) == {"score_answer": 1.0, "score_year": 1.0, "score_whole": 1.0}
+    wrong = {**row, "parsed": {"answer": "Lyon", "source": None}}
+    assert scorer.score(text, wrong) == {"score_answer": 0.0, "score_year": None, "score_whole": 1.0}
