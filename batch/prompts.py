@@ -33,10 +33,20 @@ from batch.records import Request, Row
 from batch.spec import JobSpec
 from batch.structured import OutputFormat
 from batch.tokens import messages_tokens, tokens_for
+from batch.variants import Variant
 
-__all__ = ["RequestBuilder"]
+__all__ = ["RequestBuilder", "output_format"]
 
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
+
+
+def output_format(spec: JobSpec) -> OutputFormat | None:
+    """The job's structured output (``[output] schema``, read at load), or None: one for all its variants."""
+    out = spec.output
+    if out.schema is None:
+        return None
+    return OutputFormat(out.schema, name=spec.name, send=out.send_schema, strict=out.strict,
+                        flatten=out.flatten, parse_attempts=out.parse_attempts)
 
 
 class Done(Protocol):
@@ -48,23 +58,21 @@ class Done(Protocol):
 class RequestBuilder:
     """Builds one :class:`~batch.records.Request` per row; cheap enough for every row."""
 
-    def __init__(self, spec: JobSpec) -> None:
+    def __init__(self, spec: JobSpec, variant: Variant | None = None,
+                 fmt: OutputFormat | None = None) -> None:
         self.spec = spec
-        self.endpoint = spec.api.endpoint
+        self.endpoint = spec.api.endpoint if variant is None else variant.target.endpoint
         self.chat = self.endpoint == "chat"
-        self.model = spec.request.model
-        out = spec.output
-        #: the job's structured output (``[output] schema``), or None
-        self.format = (OutputFormat(out.schema, name=spec.name, send=out.send_schema, strict=out.strict,
-                                    flatten=out.flatten, parse_attempts=out.parse_attempts)
-                       if out.schema is not None else None)
-        self.params = spec.request.params()
+        self.model = spec.request.model if variant is None else variant.model
+        #: the job's structured output (``[output] schema``), or None; every variant sends it its endpoint's way
+        self.format = fmt if fmt is not None else output_format(spec)
+        self.params = dict(spec.request.params() if variant is None else variant.params)
         if self.format is not None:
             self.params.update(self.format.body_fields(self.endpoint))
         # a schema not sent is not in the body: it joins the fingerprint itself, so a new one redoes the rows
         self._salt = b"," + self.format.fingerprint_salt() if self.format and not self.format.send else b""
-        self.system_prompt = spec.input.system_prompt
-        self.template = spec.input.prompt_template
+        self.system_prompt = spec.input.system_prompt if variant is None else variant.system_prompt
+        self.template = spec.input.prompt_template if variant is None else variant.prompt_template
         self.passthrough = spec.input.passthrough
         self.input_path = spec.input.path
         self._system_message = (
@@ -93,13 +101,15 @@ class RequestBuilder:
         body, est, digest = self._body(row)
         return Request(row.index, row.id, body, self._passthrough(row), est, digest)
 
-    def build_unless_done(self, row: Row, done: Done) -> Request | None:
-        """The request for ``row``, or None when ``(id, fingerprint)`` is in ``done``.
+    def build_unless_done(self, row: Row, done: Done, key: str | None = None,
+                          extra: Mapping[str, Any] | None = None) -> Request | None:
+        """The request for ``row``, or None when ``(key, fingerprint)`` is in ``done``
+        (``key``: the row's resume key, its id unless given; ``extra``: body fields added last).
 
         A rerun of a large job skips most rows: this makes no :class:`Request` for them.
         """
-        body, est, digest = self._body(row)
-        if (row.id, digest) in done:
+        body, est, digest = self._body(row, extra)
+        if (row.id if key is None else key, digest) in done:
             return None
         return Request(row.index, row.id, body, self._passthrough(row), est, digest)
 
@@ -109,7 +119,7 @@ class RequestBuilder:
         values = row.values
         return {name: values.get(name) for name in self.passthrough}
 
-    def _body(self, row: Row) -> tuple[dict[str, Any], int, str]:
+    def _body(self, row: Row, extra: Mapping[str, Any] | None = None) -> tuple[dict[str, Any], int, str]:
         body: dict[str, Any] = {"model": self.model}
         if self.chat:
             if row.messages is not None:
@@ -130,6 +140,8 @@ class RequestBuilder:
             body["prompt"] = prompt
             est = tokens_for(len(prompt), 0)
         body.update(self.params)
+        if extra:
+            body.update(extra)
         digest = hashlib.blake2b(
             b"[" + self._endpoint_json + b"," + orjson.dumps(body, option=orjson.OPT_SORT_KEYS) + self._salt + b"]",
             digest_size=16,

@@ -22,6 +22,7 @@ OUTPUT_COLUMNS = (
     "prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens", "reasoning_tokens",
     "cost_usd", "latency_s", "ttft_s", "attempts", "http_status", "error_code", "error",
     "response_id", "created", "system_fingerprint", "request_fingerprint",
+    "variant", "sample", "params", "finished_at",
 )
 
 
@@ -77,6 +78,9 @@ class Request(msgspec.Struct, frozen=True, gc=False):
     passthrough: Mapping[str, Any]
     est_prompt_tokens: int
     fingerprint: str
+    variant: str | None = None  # the variant's name (batch.variants); None outside a run
+    sample: int = 0
+    lane: int = 0  # which target's workers send it
 
 
 class Result(msgspec.Struct, frozen=True, gc=False):
@@ -107,6 +111,10 @@ class Result(msgspec.Struct, frozen=True, gc=False):
     response_id: str | None = None
     created: datetime | None = None
     system_fingerprint: str | None = None
+    variant: str | None = None
+    sample: int | None = None
+    params: str | None = None  # the variant's parameters as JSON text
+    finished_at: datetime | None = None  # when the row was stored (UTC)
     # structured output only: the parsed answer's column values, and how many answers broke the schema
     columns: Mapping[str, Any] | None = None
     invalid_answers: int = 0

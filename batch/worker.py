@@ -13,6 +13,7 @@ from typing import Any
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
 
+from batch.budget import Hold, worst_case
 from batch.client import Client, Reply
 from batch.errors import APIConnectionError, InvalidOutputError, RequestError
 from batch.job import Job
@@ -32,17 +33,24 @@ log = logging.getLogger(__name__)
 class Workers:
     """What the worker tasks of one job share; each task runs :meth:`work`."""
 
-    def __init__(self, job: Job, client: Client, limiter: Limiter, policy: RetryPolicy,
-                 output_format: OutputFormat | None = None) -> None:
+    def __init__(self, job: Job, client: Client, limiter: Limiter, policy: RetryPolicy, lane: int = 0) -> None:
         self.job = job
-        self.format = output_format  # structured output: every answer is checked against its schema
+        self.format = job.fanout.format  # structured output: every answer is checked against its schema
         self.client = client
         self.limiter = limiter
         self.policy = policy
+        self.money = job.money
+        self.lane = lane  # the target these workers send to (batch.fanout)
         spec = job.spec
         self.prices = PriceTable(
             {m: Price(p.input, p.output, p.cached_input) for m, p in spec.pricing.items()}
         )
+        # a variant's own price wins over the job's table for its model
+        self.price_of = {
+            v.name: PriceTable({v.model: Price(v.price.input, v.price.output, v.price.cached_input)},
+                               use_defaults=False)
+            for v in job.fanout.variants if v.price is not None
+        }
         self.told: set[str] = set()  # failure codes already logged once
         self.down_after = max(10, 2 * spec.limits.concurrency)
         self.down_rows = 0  # rows failed in a row, in ways that are retried (an outage when it lasts)
@@ -64,10 +72,19 @@ class Workers:
                         break
                 except anyio.EndOfStream:
                     break
+                if self.lane in job.lane_fatal:
+                    continue  # this target answered fatally: its requests are dropped, the others go on
                 while job.in_flight + job.unflushed >= job.max_at_risk and not job.stopping:
                     await job.flushed.wait()  # rare: the disk is slower than the answers
                 if job.stopping:
                     break
+                hold = await self.money.reserve(self._variant(request), self._worst_case(request))
+                if hold is None or job.stopping:  # the budget is reached: this row is not sent
+                    if hold is not None:
+                        self.money.release(hold)
+                    elif not self.money.per_variant:
+                        job.stop_feeding()
+                    continue
                 started = clock()
                 job.sent += 1
                 job.in_flight += 1
@@ -83,10 +100,14 @@ class Workers:
                 except RequestError as exc:
                     exc.row_id = request.id
                     outcome = classify(exc)
+                    failed = self._failure(request, exc, clock() - started, invalid)
+                    self._settle(hold, failed)  # answers that broke the schema were paid: the budget counts them
                     if outcome == "fatal":
-                        job.stop_now(exc)
-                        return
-                    job.record(self._failure(request, exc, clock() - started, invalid))
+                        job.stop_lane(self.lane, exc)
+                        if job.stopping:
+                            return
+                        continue
+                    job.record(failed)
                     self._tell_first(exc)
                     down = outcome == "retry" and exc.http_status != 429 and not isinstance(exc, InvalidOutputError)
                     if self._outage(exc, down, clock()):
@@ -96,7 +117,30 @@ class Workers:
                     job.in_flight -= 1
                 self.down_rows = 0
                 self.last_ok = clock()
-                job.record(self._success(request, reply, attempts, parsed, invalid))
+                result = self._success(request, reply, attempts, parsed, invalid)
+                self._settle(hold, result)
+                job.record(result)
+
+    def _settle(self, hold: Hold, result: Result) -> None:
+        """End a row's hold on the budget: its real cost (re-asks included); a row with no usage
+        is counted at its reservation, the worst case, unless it failed with no answer at all (nothing paid)."""
+        if result.status == "failed" and result.prompt_tokens is None and not result.invalid_answers:
+            self.money.release(hold)
+        else:
+            self.money.settle(hold, None if result.prompt_tokens is None else result.cost_usd or 0.0)
+
+    def _variant(self, request: Request) -> str:
+        variant: str | None = getattr(request, "variant", None)
+        return variant if variant is not None else self.job.model
+
+    def _worst_case(self, request: Request) -> float:
+        """The most this row may cost (0 for a model without a price: a budget refuses those at start);
+        with a schema, every re-ask ``output.parse_attempts`` allows is paid too."""
+        price = self.money.prices.get(self._variant(request))
+        if price is None:
+            return 0.0
+        asks = 1 if self.format is None else 1 + self.format.parse_attempts
+        return asks * worst_case(price, request.est_prompt_tokens, answer_tokens(request.body))
 
     def _outage(self, exc: RequestError, down: bool, now: float) -> bool:
         """Count a failed row toward an outage (``down``: it failed in a way that is retried,
@@ -159,10 +203,19 @@ class Workers:
                 pointer=exc.pointer, raw=text, reply=reply, final=len(invalid) > fmt.parse_attempts,
             ) from None
 
+    def _model(self, request: Request) -> tuple[str, str]:
+        """The model and endpoint a request asked (its variant's)."""
+        fanout = self.job.fanout
+        if request.variant is None:
+            return self.job.model, self.job.endpoint
+        return fanout.model_of[request.variant], fanout.endpoint_of[request.variant]
+
     def _success(self, request: Request, reply: Reply, attempts: int, parsed: Any = None,
                  invalid: list[Reply] | None = None) -> Result:
         c = reply.completion
         u = c.usage
+        model, endpoint = self._model(request)
+        prices = self.price_of.get(request.variant or "", self.prices)
         columns = None
         if self.format is not None:
             columns = self.format.values(parsed, len(invalid or ()))
@@ -170,17 +223,18 @@ class Workers:
                 u = _paid([*invalid, reply])  # every answer was paid for, the ones asked again too
         return Result(
             index=request.index, id=request.id, passthrough=request.passthrough,
-            fingerprint=request.fingerprint, model=self.job.model, endpoint=self.job.endpoint, status="ok",
+            fingerprint=request.fingerprint, model=model, endpoint=endpoint, status="ok",
             text=c.text, refusal=c.refusal, finish_reason=c.finish_reason,
             prompt_tokens=u.prompt_tokens if u else None,
             completion_tokens=u.completion_tokens if u else None,
             total_tokens=u.total_tokens if u else None,
             cached_tokens=u.cached_tokens if u else None,
             reasoning_tokens=u.reasoning_tokens if u else None,
-            cost_usd=self.prices.cost(self.job.model, u),
+            cost_usd=prices.cost(model, u),
             latency_s=reply.latency_s, ttft_s=c.ttft_s, attempts=attempts, http_status=reply.http_status,
             response_id=c.response_id, created=c.created, system_fingerprint=c.system_fingerprint,
             columns=columns, invalid_answers=len(invalid or ()),
+            variant=request.variant, sample=request.sample,
         )
 
     def _tell_first(self, exc: RequestError) -> None:
@@ -196,11 +250,12 @@ class Workers:
                     exc.row_id, exc.message, hint)
 
     def _failure(self, request: Request, exc: RequestError, elapsed: float, invalid: list[Reply]) -> Result:
+        model, endpoint = self._model(request)
         columns = None if self.format is None else self.format.values(None, len(invalid))
         u = _paid(invalid) if invalid else None  # answers that broke the schema were paid for
         return Result(
             index=request.index, id=request.id, passthrough=request.passthrough,
-            fingerprint=request.fingerprint, model=self.job.model, endpoint=self.job.endpoint, status="failed",
+            fingerprint=request.fingerprint, model=model, endpoint=endpoint, status="failed",
             latency_s=elapsed, attempts=exc.attempts or 1, http_status=exc.http_status,
             error_code=exc.code or type(exc).__name__, error=exc.message,
             # the last answer's text is kept, so a row that never followed the schema can be read
@@ -210,8 +265,9 @@ class Workers:
             total_tokens=u.total_tokens if u else None,
             cached_tokens=u.cached_tokens if u else None,
             reasoning_tokens=u.reasoning_tokens if u else None,
-            cost_usd=self.prices.cost(self.job.model, u) if u else None,
+            cost_usd=self.price_of.get(request.variant or "", self.prices).cost(model, u) if u else None,
             columns=columns, invalid_answers=len(invalid),
+            variant=request.variant, sample=request.sample,
         )
 
 

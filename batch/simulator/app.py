@@ -137,9 +137,10 @@ def parse(sim: SimState, raw: bytes, chat: bool) -> _Request | _Refusal:
     max_tokens = replies.max_tokens(body)
     digests = [replies.digest(body, i) for i in range(n)]
     sim.count_seen(digests[0][:16])
+    sim.note_params(body)
     schema = structured.schema_of(body)
     if schema is None:
-        answers = [replies.reply_from_digest(d, max_tokens) for d in digests]
+        answers = [replies.answer(body, d, max_tokens) for d in digests]
     else:
         asked = sim.count_asked(digests[0][:16])
         rate = sim.config.invalid_output_rate
