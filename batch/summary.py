@@ -119,7 +119,7 @@ class Summary:
         if r.latency_s is not None and r.status == "ok":
             self.latencies.append(r.latency_s)
         if r.columns is not None:
-            counts = self.structured.setdefault(r.model, [0, 0])
+            counts = self.structured.setdefault(r.variant or r.model, [0, 0])  # a plain job: its one variant, its model
             counts[0] += r.invalid_answers > 0
             counts[1] += r.status == "failed" and r.error_code == "invalid_output"
 
