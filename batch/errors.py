@@ -248,9 +248,11 @@ class InvalidOutputError(ResponseError):
     schema, ``raw`` is the answer's text, ``reply`` the paid answer it came in.
     """
 
-    def __init__(self, message: str, *, pointer: str, raw: str | None, reply: object, final: bool) -> None:
+    def __init__(self, message: str, *, pointer: str, raw: str | None, reply: object, final: bool,
+                 kind: str = "breaks the schema") -> None:
         super().__init__(message, code="invalid_output")
         self.pointer = pointer
+        self.kind = kind  # "no text", "not JSON" or "breaks the schema": re-asks are logged once per kind
         self.raw = raw
         self.reply = reply
         self.final = final

@@ -21,7 +21,8 @@ after ``max_attempts`` or when the next wait would take the row past
 ``row_budget_s``, whichever comes first, and raises the last error with
 ``attempts`` and ``row_id`` set. Each retry is logged once, at WARNING, with the
 row id, the attempt, the wait and the cause (status and error code, or the
-error class), never a message body or header that could carry a key.
+error class), never a message body or header that could carry a key; a re-ask
+of an answer that broke the schema is logged only the first time for its kind.
 
 429s and the limiter. When the attempts report their 429s to a shared
 :class:`batch.limiter.Limiter` (pass it as ``limiter=``), the limiter has
@@ -188,6 +189,7 @@ class RetryPolicy:
         self._clock = clock
         self._limiter = limiter
         self._wait = _Wait(settings, rng or random.Random(), paced_429=limiter is not None)
+        self._reasks_told: set[str] = set()  # kinds of broken answers already logged (re-asks are counted instead)
 
     async def call(self, attempt: Callable[[], Awaitable[T]], *, row_id: str) -> tuple[T, int]:
         """Run ``attempt`` until it succeeds; return its result and the attempts used.
@@ -228,6 +230,12 @@ class RetryPolicy:
                 wait += limiter.blocked_for()  # the pause every worker waits out in the limiter: the real wait
             if wait > self.settings.outage_s:
                 return  # not a wait that will be taken: the job stops, and says so
+            if isinstance(exc, InvalidOutputError):
+                if exc.kind not in self._reasks_told:  # a re-ask is no trouble with the server: said once a kind
+                    self._reasks_told.add(exc.kind)
+                    logger.warning("row %s: %s; asking again (answers of this kind are re-asked without a word "
+                                   "more, and counted in the summary)", row_id, exc.message)
+                return
             logger.warning(
                 "row %s: attempt %d failed (%s), retrying in %.2f s",
                 row_id,

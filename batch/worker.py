@@ -200,7 +200,7 @@ class Workers:
             invalid.append(reply)
             raise InvalidOutputError(
                 f"the answer does not follow the schema at {exc.pointer}: {exc.message}",
-                pointer=exc.pointer, raw=text, reply=reply, final=len(invalid) > fmt.parse_attempts,
+                pointer=exc.pointer, raw=text, reply=reply, final=len(invalid) > fmt.parse_attempts, kind=exc.kind,
             ) from None
 
     def _model(self, request: Request) -> tuple[str, str]:

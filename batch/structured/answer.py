@@ -39,12 +39,14 @@ def strip_fence(text: str) -> str:
 
 
 class Invalid(ValueError):
-    """An answer that is not JSON, or does not validate: ``pointer`` is where, ``message`` what."""
+    """An answer that is not JSON, or does not validate: ``pointer`` is where, ``message`` what,
+    ``kind`` which way it failed ("no text", "not JSON" or "breaks the schema")."""
 
-    def __init__(self, message: str, pointer: str) -> None:
+    def __init__(self, message: str, pointer: str, kind: str = "breaks the schema") -> None:
         super().__init__(f"{message} (at {pointer})")
         self.message = message
         self.pointer = pointer
+        self.kind = kind
 
 
 class Validator:
@@ -59,11 +61,11 @@ class Validator:
     def parse(self, text: str | None) -> Any:
         """The answer's JSON value; :class:`Invalid` when it is not JSON or breaks the schema."""
         if text is None:
-            raise Invalid("the model gave no text (a refusal)", "/")
+            raise Invalid("the model gave no text (a refusal)", "/", "no text")
         try:
             value = orjson.loads(strip_fence(text))
         except orjson.JSONDecodeError as exc:
-            raise Invalid(f"not valid JSON: {exc}", "/") from None
+            raise Invalid(f"not valid JSON: {exc}", "/", "not JSON") from None
         try:
             self._check(value)
         except self._exc as exc:
