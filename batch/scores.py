@@ -10,10 +10,6 @@ is a pass rate and ``batch.stats`` can tell them from numeric scores):
 - ``exact_match``: the answer equals the reference column after both are trimmed,
   Unicode case-folded, NFC-normalised and their whitespace runs collapsed to one
   space ("  Paris\\n" matches "paris").
-
-Any kind scores the answer's text, or with ``field`` a value of the row: ``field =
-"parsed.answer"`` compares the reference with the ``answer`` of a structured job's
-parsed answer (a missing or null field scores None; a number or list is its JSON text).
 - ``contains``: the normalised reference occurs in the normalised answer.
 - ``regex``: ``pattern`` is searched in the answer; group 1 if the pattern has a
   group, else the whole match, is compared with the reference as ``exact_match``
@@ -26,6 +22,10 @@ parsed answer (a missing or null field scores None; a number or list is its JSON
 - ``function``: ``"package.module:function"``, imported when the scorer is built,
   called as ``fn(text, row)`` with the row's values as a dict; it returns a number
   or a bool (True is 1.0). Whatever it returns is the score, so it may be a grade.
+
+Any kind scores the answer's text, or with ``field`` a value of the row: ``field =
+"parsed.answer"`` compares the reference with the ``answer`` of a structured job's
+parsed answer (a missing or null field scores None; a number or list is its JSON text).
 
 A failed row (no text) has no scores: every column is None. A row whose reference
 is null has None for the scores that need it. A function that raises, or returns
