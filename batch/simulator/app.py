@@ -253,10 +253,9 @@ class SimApp:
             await self._handle(scope, receive, send, chat)
         except asyncio.CancelledError:
             # The server is stopping under a request that sleeps (latency, a stream, a hang):
-            # drop its connection quietly rather than let uvicorn answer 500 and log a traceback.
-            if not faults.abort(receive):
-                raise
-            await faults.wait_disconnect(receive)
+            # its connection is dropped, not answered with a 500 (if its answer had not started).
+            await faults.drop(send)
+            raise
         finally:
             sim.in_flight -= 1
 
@@ -296,10 +295,7 @@ class SimApp:
             await _send(send, status, body, content_type=b"text/html" if fault == "502" else b"application/json")
             return "done"
         if fault == "reset":
-            if not faults.abort(receive):
-                raise ConnectionResetError("simulated connection reset")
-            await faults.wait_disconnect(receive)
-            return "done"
+            await faults.drop(send)
         if fault == "hang":
             await faults.hold(receive, sim.config.hang_s)
             return None  # the client is gone, or it waited it out and gets its answer
