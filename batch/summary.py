@@ -91,18 +91,32 @@ class Summary:
     stopped: str | None = None  # why the job ended early, if it did
     errors: dict[str, int] = field(default_factory=dict)
     budget: dict[str, Any] | None = None  # with a budget: batch.budget.Ledger.as_dict()
+    by_variant: bool = False  # a sweep: totals per variant too
+    variants: dict[str, ModelTotals] = field(default_factory=dict)
     _p50_p95: tuple[int, list[float | None]] | None = field(default=None, init=False, repr=False, compare=False)
 
     def add(self, r: Result) -> None:
         totals = self.models.get(r.model)
         if totals is None:
             totals = self.models[r.model] = ModelTotals()
+        self._count(totals, r)
+        if r.status != "ok":
+            key = r.error_code or (str(r.http_status) if r.http_status else "error")
+            self.errors[key] = self.errors.get(key, 0) + 1
+        if self.by_variant and r.variant is not None:
+            per = self.variants.get(r.variant)
+            if per is None:
+                per = self.variants[r.variant] = ModelTotals()
+            self._count(per, r)
+        if r.latency_s is not None and r.status == "ok":
+            self.latencies.append(r.latency_s)
+
+    @staticmethod
+    def _count(totals: ModelTotals, r: Result) -> None:
         if r.status == "ok":
             totals.rows_ok += 1
         else:
             totals.rows_failed += 1
-            key = r.error_code or (str(r.http_status) if r.http_status else "error")
-            self.errors[key] = self.errors.get(key, 0) + 1
         if r.prompt_tokens is not None:
             totals.prompt_tokens += r.prompt_tokens
             totals.completion_tokens += r.completion_tokens or 0
@@ -114,8 +128,6 @@ class Summary:
                 totals.cost_usd += r.cost_usd
         elif r.status == "ok":
             totals.rows_without_usage += 1
-        if r.latency_s is not None and r.status == "ok":
-            self.latencies.append(r.latency_s)
 
     @property
     def rows_ok(self) -> int:
@@ -153,6 +165,7 @@ class Summary:
             "latency_p50_s": None if p50 is None else round(p50, 4),
             "latency_p95_s": None if p95 is None else round(p95, 4),
             "budget": self.budget,
+            **({"variants": {name: t.as_dict() for name, t in self.variants.items()}} if self.by_variant else {}),
         }
 
     def to_json(self) -> bytes:
@@ -187,6 +200,8 @@ class Summary:
             )
         for name, m in d["models"].items():
             lines.append(f"  cost      {_cost_text(m)}  {name}")
+        for name, m in d.get("variants", {}).items():
+            lines.append(f"  cost      {_cost_text(m)}  variant {name}")
         if len(d["models"]) > 1:
             lines.append(f"  cost      {_cost_text(t)}  total")
         if self.budget is not None:
