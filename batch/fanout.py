@@ -10,7 +10,7 @@ asks the same. The resume key is (id, variant, sample).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import msgspec
@@ -54,23 +54,31 @@ class Fanout:
         """The requests ``row`` still needs, and how many an earlier run finished."""
         out: list[Request] = []
         skipped = 0
+        for _, request in self.each(row, done):
+            if request is None:
+                skipped += 1
+            else:
+                out.append(request)
+        return out, skipped
+
+    def resume_key(self, row_id: str, variant: str, sample: int) -> str:
+        """What the resume index knows a request by (with its fingerprint): the id, or (id, variant, sample)."""
+        return sweep_key(row_id, variant, sample) if self.sweep else row_id
+
+    def each(self, row: Row, done: Done | None) -> Iterator[tuple[Variant, Request | None]]:
+        """Every (variant, sample) of ``row`` in sending order, with its request, or None when an
+        earlier run finished it (``promptmill plan`` counts both, per variant)."""
         for sample in range(self.samples):
             for variant, lane, builder, seeded, _ in self._arms:
                 extra: Mapping[str, Any] | None = None
-                key = row.id
-                if self.sweep:
-                    key = sweep_key(row.id, variant.name, sample)
-                    if not seeded:
-                        extra = {"seed": sample_seed(row.id, sample)}
-                if done:
-                    request = builder.build_unless_done(row, done, key, extra)
-                else:
-                    request = builder.build_unless_done(row, _NOTHING, key, extra)
+                key = self.resume_key(row.id, variant.name, sample)
+                if self.sweep and not seeded:
+                    extra = {"seed": sample_seed(row.id, sample)}
+                request = builder.build_unless_done(row, done or _NOTHING, key, extra)
                 if request is None:
-                    skipped += 1
-                    continue
-                out.append(msgspec.structs.replace(request, variant=variant.name, sample=sample, lane=lane))
-        return out, skipped
+                    yield variant, None
+                else:
+                    yield variant, msgspec.structs.replace(request, variant=variant.name, sample=sample, lane=lane)
 
 
 class _Nothing:

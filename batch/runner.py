@@ -198,7 +198,7 @@ async def run_job(spec: JobSpec, opts: RunOptions | None = None) -> Summary:
     scores = pa.schema([pa.field(f"score_{s.name}", pa.float64()) for s in spec.scores])
     schema = output_schema(pa.schema([*reader.passthrough_schema, *scores]), _metadata(spec, identity),
                            fmt.fields if fmt else ())
-    summary = Summary(job=spec.name, output=str(output))
+    summary = Summary(job=spec.name, output=str(output), by_variant=spec.is_sweep)
     opts.summary = summary
 
     key = SWEEP_KEY if spec.is_sweep else PLAIN_KEY

@@ -93,18 +93,36 @@ class Summary:
     # structured output, per variant: [rows asked again after an answer broke the schema, rows never valid]
     structured: dict[str, list[int]] = field(default_factory=dict)
     budget: dict[str, Any] | None = None  # with a budget: batch.budget.Ledger.as_dict()
+    by_variant: bool = False  # a sweep: totals per variant too
+    variants: dict[str, ModelTotals] = field(default_factory=dict)
     _p50_p95: tuple[int, list[float | None]] | None = field(default=None, init=False, repr=False, compare=False)
 
     def add(self, r: Result) -> None:
         totals = self.models.get(r.model)
         if totals is None:
             totals = self.models[r.model] = ModelTotals()
+        self._count(totals, r)
+        if r.status != "ok":
+            key = r.error_code or (str(r.http_status) if r.http_status else "error")
+            self.errors[key] = self.errors.get(key, 0) + 1
+        if self.by_variant and r.variant is not None:
+            per = self.variants.get(r.variant)
+            if per is None:
+                per = self.variants[r.variant] = ModelTotals()
+            self._count(per, r)
+        if r.latency_s is not None and r.status == "ok":
+            self.latencies.append(r.latency_s)
+        if r.columns is not None:
+            counts = self.structured.setdefault(r.variant or r.model, [0, 0])  # a plain job: its one variant, its model
+            counts[0] += r.invalid_answers > 0
+            counts[1] += r.status == "failed" and r.error_code == "invalid_output"
+
+    @staticmethod
+    def _count(totals: ModelTotals, r: Result) -> None:
         if r.status == "ok":
             totals.rows_ok += 1
         else:
             totals.rows_failed += 1
-            key = r.error_code or (str(r.http_status) if r.http_status else "error")
-            self.errors[key] = self.errors.get(key, 0) + 1
         if r.prompt_tokens is not None:
             totals.prompt_tokens += r.prompt_tokens
             totals.completion_tokens += r.completion_tokens or 0
@@ -116,12 +134,6 @@ class Summary:
                 totals.cost_usd += r.cost_usd
         elif r.status == "ok":
             totals.rows_without_usage += 1
-        if r.latency_s is not None and r.status == "ok":
-            self.latencies.append(r.latency_s)
-        if r.columns is not None:
-            counts = self.structured.setdefault(r.variant or r.model, [0, 0])  # a plain job: its one variant, its model
-            counts[0] += r.invalid_answers > 0
-            counts[1] += r.status == "failed" and r.error_code == "invalid_output"
 
     @property
     def rows_ok(self) -> int:
@@ -161,6 +173,7 @@ class Summary:
             **({"structured": {name: {"rows_reasked": c[0], "rows_never_valid": c[1]}
                                for name, c in sorted(self.structured.items())}} if self.structured else {}),
             "budget": self.budget,
+            **({"variants": {name: t.as_dict() for name, t in self.variants.items()}} if self.by_variant else {}),
         }
 
     def to_json(self) -> bytes:
@@ -195,6 +208,8 @@ class Summary:
             )
         for name, m in d["models"].items():
             lines.append(f"  cost      {_cost_text(m)}  {name}")
+        for name, m in d.get("variants", {}).items():
+            lines.append(f"  cost      {_cost_text(m)}  variant {name}")
         if len(d["models"]) > 1:
             lines.append(f"  cost      {_cost_text(t)}  total")
         if self.budget is not None:

@@ -130,8 +130,8 @@ class Workers:
             self.money.settle(hold, None if result.prompt_tokens is None else result.cost_usd or 0.0)
 
     def _variant(self, request: Request) -> str:
-        variant: str | None = getattr(request, "variant", None)
-        return variant if variant is not None else self.job.model
+        """The ledger's pool of a request: its variant (batch.fanout names it on every request it builds)."""
+        return request.variant if request.variant is not None else self.job.fanout.variants[0].name
 
     def _worst_case(self, request: Request) -> float:
         """The most this row may cost (0 for a model without a price: a budget refuses those at start);
