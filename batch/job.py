@@ -19,6 +19,7 @@ import anyio.lowlevel
 import msgspec
 from anyio.streams.memory import MemoryObjectSendStream
 
+from batch.embed_group import EmbedGroups
 from batch.errors import InputChanged, InputError, JobStopped, PromptmillError, RequestError
 from batch.progress import Progress
 from batch.prompts import RequestBuilder
@@ -152,9 +153,15 @@ class Job:
                     send: MemoryObjectSendStream[Request]) -> None:
         index = self.index
         handed = 0
+        groups = (EmbedGroups(self.spec.input.embed_batch, self.spec.input.embed_max_tokens)
+                  if self.endpoint == "embeddings" and self.spec.input.embed_batch > 1
+                  # an openai_batch output line holds its own request's body: one row a request
+                  and self.spec.output.format != "openai_batch" else None)
         while not self.stopping:
             batch = await anyio.to_thread.run_sync(self._next_batch, batches)
             if batch is None:
+                if groups is not None and (last := groups.flush()) is not None and not self.stopping:
+                    await send.send(last)
                 return
             skipped = 0
             for row in batch:
@@ -165,6 +172,10 @@ class Job:
                 if request is None:
                     skipped += 1
                     continue
+                if groups is not None and not request.endpoint:
+                    request = groups.add(request)
+                    if request is None:
+                        continue
                 # Usually there is room: hand it over without a trip through the event
                 # loop (``send`` always yields once), but let the workers in every so often.
                 try:
@@ -240,7 +251,8 @@ class Job:
             self.flushed = anyio.Event()
 
 
-_SERVER_TEXT = ("text", "finish_reason", "error_code", "error", "response_id", "system_fingerprint")
+_SERVER_TEXT = ("text", "finish_reason", "error_code", "error", "response_id", "system_fingerprint",
+                "response_body", "request_id")
 
 
 def _redacted(result: Result, secret: str) -> Result:

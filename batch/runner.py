@@ -54,7 +54,14 @@ from batch.records import Request
 from batch.retry import RetryPolicy, RetrySettings
 from batch.sources import Source, open_source
 from batch.spec import JobSpec, is_loopback
-from batch.store import METADATA_KEY, OutputStore, output_schema
+from batch.store import (
+    METADATA_KEY,
+    OutputStore,
+    check_not_input,
+    check_output_writable,
+    output_schema,
+)
+from batch.store.batch_output import write_batch_output
 from batch.summary import Summary
 from batch.worker import Workers
 
@@ -129,6 +136,24 @@ def _metadata(spec: JobSpec, identity: dict[str, Any]) -> dict[bytes, bytes]:
     return {METADATA_KEY: orjson.dumps(doc, default=str)}
 
 
+def _batch_files(spec: JobSpec, opts: RunOptions) -> list[Path]:
+    """The OpenAI batch output file and error file the job writes at the end (none for Parquet)."""
+    if spec.output.format != "openai_batch":
+        return []
+    errors = spec.error_path(opts.date)
+    return [spec.output_path(opts.date), *([errors] if errors is not None else [])]
+
+
+def _extra_columns(spec: JobSpec, reader: Source) -> tuple[str, ...]:
+    """The result columns only some jobs write (see ``batch.store.schema.EXTRA_FIELDS``)."""
+    extra: list[str] = []
+    if spec.api.endpoint == "embeddings" or getattr(reader, "format", None) == "openai_batch":
+        extra.append("embedding")
+    if spec.output.format == "openai_batch":
+        extra += ["response_body", "request_id"]
+    return tuple(extra)
+
+
 def _base_url(spec: JobSpec, opts: RunOptions) -> str:
     """Where to send: ``opts.base_url`` (a simulator the caller started), else the job's."""
     if opts.base_url is not None:
@@ -163,8 +188,11 @@ async def run_job(spec: JobSpec, opts: RunOptions | None = None) -> Summary:
     wall_start = opts.clock()
     api_key = check_api(spec)
     _base_url(spec, opts)  # refuse "simulator" with none started before anything is written
-    output = spec.output_path(opts.date)
+    output = spec.store_path(spec.output_path(opts.date))  # the Parquet output: the durable store
     OutputStore.check(output, Path(spec.input.path))
+    for export in _batch_files(spec, opts):
+        check_not_input(export, Path(spec.input.path))
+        check_output_writable(export)
     try:
         input_seen = os.stat(spec.input.path)  # before it is read: a change from now on stops the job
     except OSError:
@@ -174,7 +202,7 @@ async def run_job(spec: JobSpec, opts: RunOptions | None = None) -> Summary:
     _release_memory()
     builder = RequestBuilder(spec)
     identity = job_identity(spec)
-    schema = output_schema(reader.passthrough_schema, _metadata(spec, identity))
+    schema = output_schema(reader.passthrough_schema, _metadata(spec, identity), _extra_columns(spec, reader))
     summary = Summary(job=spec.name, output=str(output))
     opts.summary = summary
 
@@ -237,6 +265,11 @@ async def _finish(job: Job) -> None:
         await job.flush()
         _release_memory()  # what the run's buffers held, before the merge needs its own
         await anyio.to_thread.run_sync(store.assemble)
+        files = _batch_files(job.spec, job.opts)
+        if files:
+            ok, bad = await anyio.to_thread.run_sync(lambda: write_batch_output(store.path, *files))
+            log.info("batch output: %s lines in %s%s", f"{ok + bad if len(files) == 1 else ok:,}", files[0],
+                     f", {bad:,} failed lines in {files[1]}" if len(files) > 1 else "")
     except DiskError as exc:
         failed = exc
         summary.stopped = str(exc)
@@ -275,7 +308,7 @@ async def _run(job: Job, reader: Source, builder: RequestBuilder, api_key: str |
     async with Client(
         base_url, endpoint=spec.api.endpoint, stream=spec.api.stream, api_key=api_key,
         concurrency=concurrency, timeouts=timeouts, transport=opts.transport,
-        max_body_bytes=int(spec.api.max_response_mb * 2**20),
+        max_body_bytes=int(spec.api.max_response_mb * 2**20), keep_body=spec.output.format == "openai_batch",
     ) as client, anyio.create_task_group() as outer:
         workers = Workers(job, client, limiter, policy)
         outer.start_soon(job.flush_forever)

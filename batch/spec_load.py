@@ -194,10 +194,15 @@ def load_job(path: str | Path | None, overrides: Mapping[str, Any] | None = None
 
     if spec.input.passthrough:
         _check_passthrough(spec.input.passthrough, located)
-    if spec.api.endpoint == "completions" and spec.input.messages_column is not None:
+    if spec.api.endpoint != "chat" and spec.input.messages_column is not None:
         raise located.error(
-            "the completions endpoint takes a prompt, not messages; use endpoint = \"chat\"",
+            f"the {spec.api.endpoint} endpoint takes a prompt, not messages; use endpoint = \"chat\"",
             ("input", "messages_column"),
+        )
+    if spec.output.format == "openai_batch" and spec.api.stream:
+        raise located.error(
+            "an openai_batch output holds each answer's JSON body as the server sent it: set stream = false",
+            ("api", "stream"),
         )
     if spec.simulator is not None and check_simulator is not None:
         problem = check_simulator(spec.simulator)

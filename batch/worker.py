@@ -13,12 +13,13 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from batch.client import Client, Reply
+from batch.embed_group import split_usage
 from batch.errors import APIConnectionError, RequestError
 from batch.job import Job
 from batch.limiter import Limiter
 from batch.pricing import Price, PriceTable
 from batch.ratelimits import has_rate_headers, retry_after
-from batch.records import Request, Result
+from batch.records import Request, Result, Usage
 from batch.retry import RetryPolicy, classify
 from batch.tokens import answer_tokens
 
@@ -77,7 +78,8 @@ class Workers:
                     if outcome == "fatal":
                         job.stop_now(exc)
                         return
-                    job.record(self._failure(request, exc, clock() - started))
+                    for member in request.group or (request,):
+                        job.record(self._failure(member, exc, clock() - started))
                     self._tell_first(exc)
                     if self._outage(exc, outcome == "retry" and exc.http_status != 429, clock()):
                         return
@@ -86,7 +88,12 @@ class Workers:
                     job.in_flight -= 1
                 self.down_rows = 0
                 self.last_ok = clock()
-                job.record(self._success(request, reply, attempts))
+                if request.group:
+                    self._record_group(request, reply, attempts)
+                else:
+                    vectors = reply.completion.vectors
+                    job.record(self._success(request, reply, attempts, reply.completion.usage,
+                                             vectors[0] if vectors and len(vectors) == 1 else None))
 
     def _outage(self, exc: RequestError, down: bool, now: float) -> bool:
         """Count a failed row toward an outage (``down``: it failed in a way that is retried,
@@ -112,7 +119,7 @@ class Workers:
         reserve = request.est_prompt_tokens + answer_tokens(body)
         reservation = await limiter.acquire(reserve)
         try:
-            reply = await client.complete(body)
+            reply = await client.complete(body, request.endpoint or None)
         except APIConnectionError:
             limiter.release(reservation)
             raise
@@ -135,21 +142,39 @@ class Workers:
         limiter.settle(reservation, reserve - request.est_prompt_tokens + usage.prompt_tokens if usage else None)
         return reply
 
-    def _success(self, request: Request, reply: Reply, attempts: int) -> Result:
+    def _record_group(self, request: Request, reply: Reply, attempts: int) -> None:
+        """One result per row of an embeddings group: its vector, and its share of the usage
+        (split in proportion to the rows' estimated tokens: the server reports one usage a request)."""
+        vectors = reply.completion.vectors or []
+        members = request.group
+        usages = split_usage(reply.completion.usage, [m.est_prompt_tokens for m in members])
+        for i, member in enumerate(members):
+            self.job.record(self._success(member, reply, attempts, usages[i], vectors[i] if i < len(vectors) else None))
+
+    def _model(self, request: Request) -> str:
+        """The model a request asked for: a batch file's line names its own."""
+        model = request.body.get("model")
+        return model if isinstance(model, str) else self.job.model
+
+    def _success(self, request: Request, reply: Reply, attempts: int, u: Usage | None,
+                 embedding: list[float] | None) -> Result:
         c = reply.completion
-        u = c.usage
+        model = self._model(request)
         return Result(
             index=request.index, id=request.id, passthrough=request.passthrough,
-            fingerprint=request.fingerprint, model=self.job.model, endpoint=self.job.endpoint, status="ok",
+            fingerprint=request.fingerprint, model=model, endpoint=request.endpoint or self.job.endpoint,
+            status="ok",
             text=c.text, refusal=c.refusal, finish_reason=c.finish_reason,
             prompt_tokens=u.prompt_tokens if u else None,
             completion_tokens=u.completion_tokens if u else None,
             total_tokens=u.total_tokens if u else None,
             cached_tokens=u.cached_tokens if u else None,
             reasoning_tokens=u.reasoning_tokens if u else None,
-            cost_usd=self.prices.cost(self.job.model, u),
+            cost_usd=self.prices.cost(model, u),
             latency_s=reply.latency_s, ttft_s=c.ttft_s, attempts=attempts, http_status=reply.http_status,
             response_id=c.response_id, created=c.created, system_fingerprint=c.system_fingerprint,
+            embedding=embedding, response_body=None if reply.body is None else reply.body.decode("utf-8", "replace"),
+            request_id=reply.headers.get("x-request-id"),
         )
 
     def _tell_first(self, exc: RequestError) -> None:
@@ -167,7 +192,8 @@ class Workers:
     def _failure(self, request: Request, exc: RequestError, elapsed: float) -> Result:
         return Result(
             index=request.index, id=request.id, passthrough=request.passthrough,
-            fingerprint=request.fingerprint, model=self.job.model, endpoint=self.job.endpoint, status="failed",
+            fingerprint=request.fingerprint, model=self._model(request), endpoint=request.endpoint or self.job.endpoint,
+            status="failed",
             latency_s=elapsed, attempts=exc.attempts or 1, http_status=exc.http_status,
             error_code=exc.code or type(exc).__name__, error=exc.message,
         )

@@ -33,15 +33,13 @@ from batch.arrowutil import read_parquet_columns
 from batch.errors import DiskError, OutputError
 from batch.records import Result
 from batch.store.atomic import atomic_write
-from batch.store.schema import RESULT_FIELDS, RESULT_NAMES
+from batch.store.schema import EXTRA_FIELDS, RESULT_NAMES
 
 __all__ = ["PART_RE", "PartWriter", "next_run_number", "part_files", "parts_dir", "read_columns", "source_batches",
            "sources"]
 
 log = logging.getLogger(__name__)
 
-# Result attributes that map 1:1 onto columns of the same name
-_DIRECT = tuple(n for n in RESULT_NAMES if n != "request_fingerprint")
 PART_RE = re.compile(r"^run-(\d{4,})-part-(\d{6,})\.(?:arrow|parquet)$")
 _IPC_OPTIONS = ipc.IpcWriteOptions(compression="zstd")
 # what building a column raises for a value it cannot hold (an int beyond 64 bits, a lone surrogate)
@@ -125,7 +123,10 @@ class PartWriter:
         self.run = run
         self._folder = parts_dir(output)
         self._folder.mkdir(parents=True, exist_ok=True)
-        self._passthrough = [f.name for f in schema if f.name != "id" and f.name not in RESULT_NAMES]
+        self._passthrough = [f.name for f in schema
+                             if f.name != "id" and f.name not in RESULT_NAMES and f.name not in EXTRA_FIELDS]
+        self._results = (*RESULT_NAMES, *(f.name for f in schema if f.name in EXTRA_FIELDS))
+        self._direct = tuple(n for n in self._results if n != "request_fingerprint")
         self._part = 0
         self.rows_flushed = 0
         self.unwritten: list[pa.Table] = []
@@ -134,7 +135,7 @@ class PartWriter:
     def _reset(self) -> None:
         self._ids: list[str] = []
         self._pass: dict[str, list[Any]] = {n: [] for n in self._passthrough}
-        self._cols: dict[str, list[Any]] = {n: [] for n in RESULT_NAMES}
+        self._cols: dict[str, list[Any]] = {n: [] for n in self._results}
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -145,7 +146,7 @@ class PartWriter:
         for name, col in self._pass.items():
             col.append(values.get(name))
         cols = self._cols
-        for name in _DIRECT:
+        for name in self._direct:
             cols[name].append(getattr(result, name))
         cols["request_fingerprint"].append(result.fingerprint)
 
@@ -168,8 +169,8 @@ class PartWriter:
 
     def _table(self) -> pa.Table:
         arrays = [pa.array(self._ids, pa.string())]
-        arrays += [pa.array(self._pass[f.name], f.type) for f in self.schema if f.name in self._pass]
-        arrays += [pa.array(self._cols[f.name], f.type) for f in RESULT_FIELDS]
+        arrays += [pa.array(self._pass[f.name] if f.name in self._pass else self._cols[f.name], f.type)
+                   for f in self.schema if f.name != "id"]
         return pa.Table.from_arrays(arrays, schema=self.schema)
 
     def _fail_unstorable_rows(self) -> None:
@@ -198,7 +199,7 @@ class PartWriter:
                 except _UNSTORABLE:
                     col[i] = None
             cols = self._cols
-            for cname in RESULT_NAMES:
+            for cname in self._results:
                 if cname not in _KEPT_ON_FAILURE:
                     cols[cname][i] = None
             cols["status"][i] = "failed"
