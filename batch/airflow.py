@@ -44,6 +44,7 @@ EXIT_OUTCOMES: dict[int, Outcome] = {
     1: "retry",  # failed rows: a retry sends them again, and only them
     2: "fail",  # bad job, input or output
     3: "fail",  # a refused key, a spent balance, or an outage that outlasted retry.outage_s
+    4: "retry",  # the budget is reached: a retry sends nothing unless the budget was raised meanwhile
     65: "fail",  # the input changed under the job
     74: "retry",  # a disk error: it may be gone by the next try (a full disk cleaned up)
     75: "retry",  # the output's lock is held by another run, an earlier try still draining

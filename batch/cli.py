@@ -96,12 +96,8 @@ def _date(text: str) -> date:
         raise argparse.ArgumentTypeError(f"{text!r} is not a date like 2024-06-30 (YYYY-MM-DD)") from None
 
 
-def _add_run_parser(sub: Any) -> None:
-    p = sub.add_parser(
-        "run",
-        help="run a job",
-        description="Run a batch job. Every option overrides the job file; the job file is optional.",
-    )
+def _add_run_parser(sub: Any, name: str = "run") -> None:
+    p = sub.add_parser(name, **_RUN_HELP[name])
     p.add_argument("job", nargs="?", help="the job file (TOML), e.g. jobs/sample.toml")
     p.add_argument("--input", metavar="PATH", help="prompts: a .parquet or .jsonl file")
     p.add_argument("--output", metavar="PATH", help="results: a .parquet file ({date} or {ds}, and {job} are filled in), "
@@ -141,9 +137,24 @@ def _add_run_parser(sub: Any) -> None:
                    help="write the summary as JSON to PATH, or with '-' as the last line on stdout")
     p.add_argument("--log-format", choices=["text", "json"], default="text",
                    help="log lines on stderr as text (default) or one JSON object each")
+    p.add_argument("--budget-usd", type=float, metavar="X",
+                   help="never spend past X dollars on this output (earlier runs' cost included); exit 4 there")
+    p.add_argument("--budget-per-variant", action="store_true", default=None,
+                   help="each variant of a sweep gets its own equal share of the budget")
+    if name == "run":
+        p.add_argument("--dry-run", action="store_true", help="print the plan (see 'promptmill plan'); send nothing")
+    p.add_argument("--json", metavar="PATH", help="with plan or --dry-run: the plan as JSON to PATH ('-': stdout)")
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
     p.add_argument("--debug", action="store_true", help="debug logging, and a traceback on errors")
 
+
+_RUN_HELP: dict[str, dict[str, str]] = {
+    "run": {"help": "run a job",
+            "description": "Run a batch job. Every option overrides the job file; the job file is optional."},
+    "plan": {"help": "what a run would send, cost and take, sending nothing",
+             "description": "Print what 'promptmill run' would send (rows, tokens, cost, time), sending nothing. "
+                            "Takes the options of 'run'."},
+}
 
 _OVERRIDES = {
     "input": "input.path",
@@ -163,6 +174,8 @@ _OVERRIDES = {
     "output_format": "output.format",
     "error_file": "output.error_file",
     "embed_batch": "input.embed_batch",
+    "budget_usd": "limits.budget_usd",
+    "budget_per_variant": "limits.budget_per_variant",
 }
 
 
@@ -218,6 +231,27 @@ def _run(args: argparse.Namespace) -> int:
         code = finished_code(summary, args.max_failed_fraction)
     _summary_json(args, summary, code, error)
     return code
+
+
+def _plan(args: argparse.Namespace) -> int:
+    """``promptmill plan`` and ``run --dry-run``: the plan, text on stdout, JSON with ``--json``."""
+    from batch.plan import make_plan
+    from batch.plan_render import plan_dict, plan_text
+    from batch.spec_load import load_job
+
+    spec = load_job(args.job, _overrides(args), check_simulator=_simulator_table_problem)
+    plan = make_plan(spec, spec.output_path(args.date), fresh=args.fresh, retry_failed=not args.no_retry_failed)
+    if args.json is not None:
+        doc = json.dumps(plan_dict(plan), indent=2)
+        if args.json == "-":
+            print(doc, file=sys.stdout)
+        else:
+            from batch.store import atomic_write
+
+            atomic_write(Path(args.json), (doc + "\n").encode())
+    if args.json != "-":
+        print(plan_text(plan), file=sys.stdout)
+    return 0
 
 
 def _summary_json(args: argparse.Namespace, summary: Any, code: int, error: str | None) -> None:
@@ -296,6 +330,7 @@ def _parser(command: str | None = "simulate") -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"promptmill {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_run_parser(sub)
+    _add_run_parser(sub, "plan")
     rep = sub.add_parser("report", help="write a report of an output: tables and plots per variant",
                          description="Write a self-contained report (HTML, or Markdown tables) of an output.")
     rep.add_argument("output", help="a promptmill output (.parquet), sweep or not")
@@ -336,6 +371,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _simulate(args)
         if args.command == "report":
             return _report(args)
+        if args.command == "plan" or args.dry_run:
+            return _plan(args)
         return _run(args)
     except PromptmillError as exc:
         if args.debug:

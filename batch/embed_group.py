@@ -10,41 +10,59 @@ sent as given.
 
 from __future__ import annotations
 
+import msgspec
+
 from batch.records import Request, Usage
 
 __all__ = ["EmbedGroups", "split_usage"]
 
 
 class EmbedGroups:
-    """Gathers embeddings requests into groups of up to ``size`` rows and ``max_tokens`` estimated tokens."""
+    """Gathers embeddings requests into groups of up to ``size`` rows and ``max_tokens`` estimated tokens.
+
+    Only requests of one variant and sample (so one model, one target) share a group.
+    """
 
     def __init__(self, size: int, max_tokens: int) -> None:
         self.size = size
         self.max_tokens = max_tokens
-        self._held: list[Request] = []
-        self._tokens = 0
+        self._held: dict[tuple[str | None, int], _Held] = {}
 
     def add(self, request: Request) -> Request | None:
         """Hold ``request``; a group to send when it is full (the one before, if this would not fit)."""
+        held = self._held.setdefault((request.variant, request.sample), _Held())
         out = None
-        if self._held and self._tokens + request.est_prompt_tokens > self.max_tokens:
-            out = self.flush()
-        self._held.append(request)
-        self._tokens += request.est_prompt_tokens
+        if held.requests and held.tokens + request.est_prompt_tokens > self.max_tokens:
+            out = held.take()
+        held.requests.append(request)
+        held.tokens += request.est_prompt_tokens
         # a flush above left one row held, so a group is full here only when nothing was flushed
-        if out is None and len(self._held) >= self.size:
-            return self.flush()
+        if out is None and len(held.requests) >= self.size:
+            return held.take()
         return out
 
-    def flush(self) -> Request | None:
-        """The rows held as one request (a single row as itself), or None."""
-        held, self._held, self._tokens = self._held, [], 0
+    def flush(self) -> list[Request]:
+        """Every group still held, each as one request (a single row as itself)."""
+        out = [r for held in self._held.values() if (r := held.take()) is not None]
+        self._held.clear()
+        return out
+
+
+class _Held:
+    __slots__ = ("requests", "tokens")
+
+    def __init__(self) -> None:
+        self.requests: list[Request] = []
+        self.tokens = 0
+
+    def take(self) -> Request | None:
+        held, self.requests, self.tokens = self.requests, [], 0
         if len(held) <= 1:
             return held[0] if held else None
         first = held[0]
         body = {**first.body, "input": [r.body["input"] for r in held]}
-        return Request(first.index, first.id, body, first.passthrough, sum(r.est_prompt_tokens for r in held),
-                       "", first.endpoint, tuple(held))
+        return msgspec.structs.replace(first, body=body, est_prompt_tokens=sum(r.est_prompt_tokens for r in held),
+                                       fingerprint="", group=tuple(held))
 
 
 def split_usage(usage: Usage | None, weights: list[int]) -> list[Usage | None]:

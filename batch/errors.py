@@ -7,6 +7,7 @@
     │   └── OutputError             names the output path
     ├── JobStopped (exit 3)         a fatal server answer (401, 402, 403, spent quota), an
     │   │                           outage, a wait past retry.outage_s; finished rows kept
+    │   ├── BudgetReached (exit 4)  the budget (--budget-usd) is spent: nothing more was sent
     │   ├── InputChanged (exit 65)  the input file changed while the job read it
     │   └── DiskError (exit 74)     a part, the output or the summary could not be written
     │                               (ENOSPC, EDQUOT, EIO, EROFS, ...); parts on disk kept
@@ -44,6 +45,7 @@ __all__ = [
     "APIConnectionError",
     "APIStatusError",
     "BadValueError",
+    "BudgetReached",
     "DiskError",
     "InputChanged",
     "InputError",
@@ -65,6 +67,7 @@ EXIT_REASONS: dict[int, str] = {
     1: "finished with failed rows (more than --max-failed-fraction of them)",
     2: "bad job file, option, input or output: nothing was sent",
     3: "stopped by a fatal answer (401, 402, 403, spent quota) or an outage (retry.outage_s); finished rows kept",
+    4: "stopped at the budget (--budget-usd, limits.budget_usd): nothing past it was sent; finished rows kept",
     65: "the input changed under the job: finished rows kept",
     74: "a disk error (EX_IOERR) while reading or writing: finished rows kept",
     75: "a transient stop a retry should fix (EX_TEMPFAIL): another run holds the output's lock",
@@ -148,6 +151,12 @@ class JobStopped(PromptmillError):
         self.cause = cause
         self.summary: Summary | None = None  # the stopped run's summary, set by batch.api
         super().__init__(message)
+
+
+class BudgetReached(JobStopped):
+    """The next row's worst-case cost would pass the budget: it and the rest were not sent."""
+
+    exit_code = 4
 
 
 class InputChanged(JobStopped):

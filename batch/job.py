@@ -8,6 +8,7 @@ output store's buffers; the flusher alone writes parts to disk (in a thread).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Iterator
@@ -19,11 +20,13 @@ import anyio.lowlevel
 import msgspec
 from anyio.streams.memory import MemoryObjectSendStream
 
+from batch.budget import Ledger
 from batch.embed_group import EmbedGroups
 from batch.errors import InputChanged, InputError, JobStopped, PromptmillError, RequestError
+from batch.fanout import Fanout
 from batch.progress import Progress
-from batch.prompts import RequestBuilder
 from batch.records import Request, Result, Row
+from batch.scores import Scorer
 from batch.sources import Source
 from batch.spec import JobSpec
 from batch.store import OutputStore
@@ -45,8 +48,10 @@ class Job:
     (:class:`~batch.worker.Workers`) and the flusher."""
 
     def __init__(self, spec: JobSpec, opts: RunOptions, store: OutputStore, summary: Summary,
-                 progress: Progress, secret: str | None = None, input_seen: os.stat_result | None = None) -> None:
+                 progress: Progress, secret: str | None = None, input_seen: os.stat_result | None = None,
+                 money: Ledger | None = None) -> None:
         self.spec = spec
+        self.money = money or Ledger(None, {spec.request.model: None})  # spent, reserved and the budget
         # the API key: redacted from every text a server sent before it is stored or counted
         self.secret = secret if secret and len(secret) >= 4 else None
         self.opts = opts
@@ -56,6 +61,10 @@ class Job:
         self.progress = progress
         self.model = spec.request.model
         self.endpoint = spec.api.endpoint
+        self.fanout = Fanout(spec)
+        self.scorer = Scorer(spec.scores) if spec.scores else None
+        # lanes (targets) stopped by a fatal answer, while the others go on
+        self.lane_fatal: dict[int, RequestError] = {}
         self.flush_rows = opts.flush_rows or spec.flush_rows()
         self.flush_s = opts.flush_s or spec.output.flush_s
         self.stopping = False
@@ -83,19 +92,53 @@ class Job:
     def record(self, result: Result) -> None:
         if self.secret is not None:
             result = _redacted(result, self.secret)
+        changes: dict[str, object] = {"finished_at": datetime.now(UTC)}
+        if result.variant is not None:
+            changes["params"] = self.fanout.params_json.get(result.variant)
+        if self.scorer is not None:
+            changes["passthrough"] = {**result.passthrough, **self.scorer.score(result.text, result.passthrough)}
+        result = msgspec.structs.replace(result, **changes)
         self.store.add(result)
         self.summary.add(result)
-        self.progress.update(result.status == "ok")
+        self.progress.update(result.status == "ok", result.total_tokens or 0)
         self.unflushed += 1
         # half the flush size: the next half can gather while this one is written
         if len(self.store) * 2 >= self.flush_rows:
             self.flush_due.set()
 
     def failed_row(self, row: Row, message: str, code: str) -> None:
-        self.record(Result(
-            index=row.index, id=row.id, passthrough=row.values, fingerprint="", model=self.model,
-            endpoint=self.endpoint, status="failed", error_code=code, error=message,
-        ))
+        """A row that cannot be sent: one failed result for each of its variants and samples."""
+        fanout = self.fanout
+        for sample in range(fanout.samples):
+            for variant in fanout.variants:
+                self.record(Result(
+                    index=row.index, id=row.id, passthrough=row.values, fingerprint="", model=variant.model,
+                    endpoint=variant.target.endpoint, status="failed", error_code=code, error=message,
+                    variant=variant.name, sample=sample,
+                ))
+
+    def stop_lane(self, lane: int, exc: RequestError) -> None:
+        """A fatal answer from one target: its variants stop; the job stops when no target is left."""
+        if len(self.fanout.targets) == 1:
+            self.stop_now(exc)
+            return
+        if lane in self.lane_fatal:
+            return
+        self.lane_fatal[lane] = exc
+        target = self.fanout.targets[lane]
+        names = [v.name for v in self.fanout.variants if v.target == target]
+        log.error("target %s: %s; its variants (%s) stop, the others go on", target.name, _fatal_message(exc),
+                  ", ".join(names))
+        if len(self.lane_fatal) == len(self.fanout.targets):
+            self.stop_now(exc, self.lanes_stopped_message())
+
+    def lanes_stopped_message(self) -> str:
+        parts = []
+        for lane, exc in self.lane_fatal.items():
+            target = self.fanout.targets[lane]
+            names = ", ".join(v.name for v in self.fanout.variants if v.target == target)
+            parts.append(f"target {target.name} ({names}): {_fatal_message(exc)}")
+        return "; ".join(parts)
 
     def check_wait(self, seconds: float, exc: RequestError | None, what: str) -> None:
         """A wait the server asked for: beyond ``retry.max_wait_s`` it is announced in one line
@@ -130,6 +173,11 @@ class Job:
         self.wait_told = now
         log.warning("still waiting for the server: %s left", span(self.wait_end - now))
 
+    def stop_feeding(self) -> None:
+        """The budget is reached: send nothing more; requests in flight finish (see :mod:`batch.budget`)."""
+        self.stopping = True
+        self.feed_scope.cancel()
+
     def stop_now(self, exc: RequestError | None, message: str | None = None) -> None:
         """A fatal answer: every further request would fail the same way, so stop all of them."""
         if self.fatal is None:
@@ -142,52 +190,58 @@ class Job:
 
     # -- stages --------------------------------------------------------------
 
-    async def feed(self, reader: Source, builder: RequestBuilder,
-                   send: MemoryObjectSendStream[Request]) -> None:
-        """Read, build and hand out requests, skipping rows an earlier run finished."""
-        async with send:
+    async def feed(self, reader: Source, sends: list[MemoryObjectSendStream[Request]]) -> None:
+        """Read, build and hand out requests (to each target's lane), skipping those an earlier run finished."""
+        with contextlib.ExitStack() as stack:
+            for send in sends:
+                stack.enter_context(send)
             with self.feed_scope:
-                await self._feed(reader.batches(), builder, send)
+                await self._feed(reader.batches(), sends)
 
-    async def _feed(self, batches: Iterator[list[Row]], builder: RequestBuilder,
-                    send: MemoryObjectSendStream[Request]) -> None:
+    async def _feed(self, batches: Iterator[list[Row]], sends: list[MemoryObjectSendStream[Request]]) -> None:
+        fanout = self.fanout
         index = self.index
         handed = 0
+        embeds = {name for name, endpoint in fanout.endpoint_of.items() if endpoint == "embeddings"}
         groups = (EmbedGroups(self.spec.input.embed_batch, self.spec.input.embed_max_tokens)
-                  if self.endpoint == "embeddings" and self.spec.input.embed_batch > 1
+                  if embeds and self.spec.input.embed_batch > 1
                   # an openai_batch output line holds its own request's body: one row a request
                   and self.spec.output.format != "openai_batch" else None)
         while not self.stopping:
             batch = await anyio.to_thread.run_sync(self._next_batch, batches)
             if batch is None:
-                if groups is not None and (last := groups.flush()) is not None and not self.stopping:
-                    await send.send(last)
+                for last in groups.flush() if groups is not None else ():
+                    if not self.stopping and last.lane not in self.lane_fatal:
+                        await sends[last.lane].send(last)
                 return
             skipped = 0
             for row in batch:
                 if row.error is not None:
                     self.failed_row(row, row.error, "bad_input")
                     continue
-                request = builder.build_unless_done(row, index) if index else builder.build(row)
-                if request is None:
-                    skipped += 1
-                    continue
-                if groups is not None and not request.endpoint:
-                    request = groups.add(request)
-                    if request is None:
+                requests, done = fanout.requests(row, index)
+                skipped += done
+                for request in requests:
+                    if request.lane in self.lane_fatal:
                         continue
-                # Usually there is room: hand it over without a trip through the event
-                # loop (``send`` always yields once), but let the workers in every so often.
-                try:
-                    send.send_nowait(request)
-                except anyio.WouldBlock:
-                    await send.send(request)
-                else:
-                    handed += 1
-                    if handed % _YIELD_EVERY == 0:
-                        await anyio.lowlevel.checkpoint()
-                if self.stopping:
-                    return
+                    if groups is not None and not request.endpoint and request.variant in embeds:
+                        grouped = groups.add(request)
+                        if grouped is None:
+                            continue
+                        request = grouped
+                    send = sends[request.lane]
+                    # Usually there is room: hand it over without a trip through the event
+                    # loop (``send`` always yields once), but let the workers in every so often.
+                    try:
+                        send.send_nowait(request)
+                    except anyio.WouldBlock:
+                        await send.send(request)
+                    else:
+                        handed += 1
+                        if handed % _YIELD_EVERY == 0:
+                            await anyio.lowlevel.checkpoint()
+                    if self.stopping:
+                        return
             if skipped:
                 self.summary.rows_skipped += skipped
                 self.progress.skip(skipped)

@@ -48,6 +48,10 @@ class PriceTable:
     def __contains__(self, model: str) -> bool:
         return model in self._prices
 
+    def get(self, model: str) -> Price | None:
+        """The model's price, or None when it has none."""
+        return self._prices.get(model)
+
     def cost(self, model: str, usage: Usage | None) -> float | None:
         """Dollars for one answer; None when the model has no price (warned once) or no usage came."""
         if usage is None:

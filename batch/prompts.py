@@ -41,6 +41,7 @@ from batch.errors import InputError
 from batch.records import Request, Row
 from batch.spec import JobSpec
 from batch.tokens import messages_tokens, prompt_tokens, tokens_for
+from batch.variants import Variant
 
 __all__ = ["RequestBuilder"]
 
@@ -56,16 +57,16 @@ class Done(Protocol):
 class RequestBuilder:
     """Builds one :class:`~batch.records.Request` per row; cheap enough for every row."""
 
-    def __init__(self, spec: JobSpec) -> None:
+    def __init__(self, spec: JobSpec, variant: Variant | None = None) -> None:
         self.spec = spec
-        self.endpoint = spec.api.endpoint
+        self.endpoint = spec.api.endpoint if variant is None else variant.target.endpoint
         self.chat = self.endpoint == "chat"
         self.embed = self.endpoint == "embeddings"
-        self.model = spec.request.model
-        self.params = spec.request.params()
+        self.model = spec.request.model if variant is None else variant.model
+        self.params = spec.request.params() if variant is None else variant.params
         self.embed_params = {k: v for k, v in self.params.items() if k != "max_tokens"}
-        self.system_prompt = spec.input.system_prompt
-        self.template = spec.input.prompt_template
+        self.system_prompt = spec.input.system_prompt if variant is None else variant.system_prompt
+        self.template = spec.input.prompt_template if variant is None else variant.prompt_template
         self.passthrough = spec.input.passthrough
         self.input_path = spec.input.path
         self._system_message = (
@@ -94,13 +95,15 @@ class RequestBuilder:
         body, est, digest = self._body(row)
         return Request(row.index, row.id, body, self._passthrough(row), est, digest, row.endpoint or "")
 
-    def build_unless_done(self, row: Row, done: Done) -> Request | None:
-        """The request for ``row``, or None when ``(id, fingerprint)`` is in ``done``.
+    def build_unless_done(self, row: Row, done: Done, key: str | None = None,
+                          extra: Mapping[str, Any] | None = None) -> Request | None:
+        """The request for ``row``, or None when ``(key, fingerprint)`` is in ``done``
+        (``key``: the row's resume key, its id unless given; ``extra``: body fields added last).
 
         A rerun of a large job skips most rows: this makes no :class:`Request` for them.
         """
-        body, est, digest = self._body(row)
-        if (row.id, digest) in done:
+        body, est, digest = self._body(row, extra)
+        if (row.id if key is None else key, digest) in done:
             return None
         return Request(row.index, row.id, body, self._passthrough(row), est, digest, row.endpoint or "")
 
@@ -119,14 +122,15 @@ class RequestBuilder:
                     sent[name] = value
         return sent, prompt_tokens(sent), _digest(orjson.dumps(endpoint), sent)
 
-    def _body(self, row: Row) -> tuple[dict[str, Any], int, str]:
+    def _body(self, row: Row, extra: Mapping[str, Any] | None = None) -> tuple[dict[str, Any], int, str]:
         if row.body is not None:
+            # a batch file job is a plain job (a sweep over one is refused at load): no extra fields
             return self._line_body(row.body, row.endpoint or self.endpoint)
         body: dict[str, Any] = {"model": self.model}
         if self.embed:
             text = self.prompt_text(row)
             body["input"] = text
-            body.update(self.embed_params)
+            body.update(self.embed_params)  # no sample seed either: an embedding is not sampled
             return body, tokens_for(len(text), 0), _digest(self._endpoint_json, body)
         if self.chat:
             if row.messages is not None:
@@ -147,6 +151,8 @@ class RequestBuilder:
             body["prompt"] = prompt
             est = tokens_for(len(prompt), 0)
         body.update(self.params)
+        if extra:
+            body.update(extra)
         return body, est, _digest(self._endpoint_json, body)
 
 

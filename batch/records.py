@@ -22,6 +22,7 @@ OUTPUT_COLUMNS = (
     "prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens", "reasoning_tokens",
     "cost_usd", "latency_s", "ttft_s", "attempts", "http_status", "error_code", "error",
     "response_id", "created", "system_fingerprint", "request_fingerprint",
+    "variant", "sample", "params", "finished_at",
 )
 
 
@@ -87,6 +88,9 @@ class Request(msgspec.Struct, frozen=True, gc=False):
     endpoint: str = ""  # "" is the job's; a batch file's line names its own
     # embeddings sent together: one request for these rows, its ``body["input"]`` their inputs in order
     group: tuple[Request, ...] = ()
+    variant: str | None = None  # the variant's name (batch.variants); None outside a run
+    sample: int = 0
+    lane: int = 0  # which target's workers send it
 
 
 class Result(msgspec.Struct, frozen=True, gc=False):
@@ -121,3 +125,7 @@ class Result(msgspec.Struct, frozen=True, gc=False):
     embedding: list[float] | None = None
     response_body: str | None = None
     request_id: str | None = None
+    variant: str | None = None
+    sample: int | None = None
+    params: str | None = None  # the variant's parameters as JSON text
+    finished_at: datetime | None = None  # when the row was stored (UTC)

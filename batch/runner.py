@@ -40,22 +40,25 @@ from urllib.parse import urlsplit
 
 import anyio
 import httpx
+import msgspec
 import orjson
 import pyarrow as pa
 
 from batch import __version__
+from batch.budget import Ledger, job_prices, open_ledger
 from batch.client import Client, Timeouts
-from batch.errors import DiskError, PromptmillError, UsageError
+from batch.errors import BudgetReached, DiskError, JobStopped, PromptmillError, UsageError
 from batch.job import Job
 from batch.limiter import Limiter
 from batch.progress import Progress
-from batch.prompts import RequestBuilder
 from batch.records import Request
 from batch.retry import RetryPolicy, RetrySettings
 from batch.sources import Source, open_source
-from batch.spec import JobSpec, is_loopback
+from batch.spec import JobSpec, is_loopback, template_fields
 from batch.store import (
     METADATA_KEY,
+    PLAIN_KEY,
+    SWEEP_KEY,
     OutputStore,
     check_not_input,
     check_output_writable,
@@ -63,6 +66,7 @@ from batch.store import (
 )
 from batch.store.batch_output import write_batch_output
 from batch.summary import Summary
+from batch.variants import Target
 from batch.worker import Workers
 
 __all__ = ["RunOptions", "check_api", "job_identity", "run_job"]
@@ -132,7 +136,9 @@ def _metadata(spec: JobSpec, identity: dict[str, Any]) -> dict[bytes, bytes]:
     if isinstance(settings.get("simulator"), dict) and settings["simulator"].get("api_key") is not None:
         # the key a built-in simulator expects is the job's real key too, as often as not
         settings["simulator"]["api_key"] = "***"
-    doc = {"identity": identity, "settings": settings, "promptmill": __version__}
+    doc = {"identity": identity, "settings": settings, "promptmill": __version__,
+           "variants": [v.described() for v in spec.variants()], "baseline": spec.baseline(),
+           "samples": spec.samples}
     return {METADATA_KEY: orjson.dumps(doc, default=str)}
 
 
@@ -147,11 +153,25 @@ def _batch_files(spec: JobSpec, opts: RunOptions) -> list[Path]:
 def _extra_columns(spec: JobSpec, reader: Source) -> tuple[str, ...]:
     """The result columns only some jobs write (see ``batch.store.schema.EXTRA_FIELDS``)."""
     extra: list[str] = []
-    if spec.api.endpoint == "embeddings" or getattr(reader, "format", None) == "openai_batch":
+    if any(v.target.endpoint == "embeddings" for v in spec.variants()) or getattr(reader, "format", None) == "openai_batch":
         extra.append("embedding")
     if spec.output.format == "openai_batch":
         extra += ["response_body", "request_id"]
     return tuple(extra)
+
+
+def _with_columns_read(spec: JobSpec) -> JobSpec:
+    """The job with the columns its scores and variants' templates read added to the pass-through
+    columns, so each row carries them (and the output keeps the references a judge job reads)."""
+    wanted = [s.reference for s in spec.scores if s.reference is not None]
+    for v in spec.variants():
+        if v.prompt_template is not None and v.prompt_template != spec.input.prompt_template:
+            wanted += template_fields(v.prompt_template)
+    added = [c for c in dict.fromkeys(wanted) if c not in spec.input.passthrough and c != spec.input.id_name]
+    if not added:
+        return spec
+    return msgspec.structs.replace(
+        spec, input=msgspec.structs.replace(spec.input, passthrough=(*spec.input.passthrough, *added)))
 
 
 def _base_url(spec: JobSpec, opts: RunOptions) -> str:
@@ -197,23 +217,31 @@ async def run_job(spec: JobSpec, opts: RunOptions | None = None) -> Summary:
         input_seen = os.stat(spec.input.path)  # before it is read: a change from now on stops the job
     except OSError:
         input_seen = None  # the reader says what is wrong with it
+    spec = _with_columns_read(spec)
     reader = open_source(spec.input)
     reader.check()
     _release_memory()
-    builder = RequestBuilder(spec)
+    Ledger.check(spec.limits.budget_usd, job_prices(spec))  # a budget with an unpriced model: refused now
     identity = job_identity(spec)
-    schema = output_schema(reader.passthrough_schema, _metadata(spec, identity), _extra_columns(spec, reader))
+    scores = pa.schema([pa.field(f"score_{s.name}", pa.float64()) for s in spec.scores])
+    schema = output_schema(pa.schema([*reader.passthrough_schema, *scores]), _metadata(spec, identity),
+                           _extra_columns(spec, reader))
     summary = Summary(job=spec.name, output=str(output))
     opts.summary = summary
 
-    with OutputStore.open(output, identity, schema, fresh=opts.fresh, keep_failed=not opts.retry_failed) as store:
+    key = SWEEP_KEY if spec.is_sweep else PLAIN_KEY
+    with OutputStore.open(output, identity, schema, fresh=opts.fresh, keep_failed=not opts.retry_failed,
+                          key=key) as store:
         _release_memory()
         if len(store.index):
             log.info("resuming: %s rows of an earlier run are done and will be skipped", f"{len(store.index):,}")
-        progress = Progress(getattr(reader, "num_rows", None), enabled=opts.progress)
-        job = Job(spec, opts, store, summary, progress, api_key, input_seen)
+        money = open_ledger(spec, output)
+        rows = getattr(reader, "num_rows", None)
+        per_row = len(spec.variants()) * spec.samples
+        progress = Progress(rows * per_row if rows is not None else None, enabled=opts.progress, money=money)
+        job = Job(spec, opts, store, summary, progress, api_key, input_seen, money)
         try:
-            await _run(job, reader, builder, api_key)
+            await _run(job, reader, api_key)
         except ExceptionGroup as group:
             # one of ours from inside the task group (a Parquet input damaged past its first rows): one line, not a tree
             first = _first_promptmill_error(group)
@@ -222,6 +250,8 @@ async def run_job(spec: JobSpec, opts: RunOptions | None = None) -> Summary:
             raise first from None
         finally:
             progress.close()
+            if spec.limits.budget_usd is not None:
+                summary.budget = money.as_dict()
             summary.rows_failed_kept = store.index.failed_skipped
             summary.wall_s = opts.clock() - wall_start
             with _signals_held(job):
@@ -284,14 +314,65 @@ async def _finish(job: Job) -> None:
         raise failed
 
 
-async def _run(job: Job, reader: Source, builder: RequestBuilder, api_key: str | None) -> None:
+def _target_url(spec: JobSpec, opts: RunOptions, target: Target) -> str:
+    """Where a target's requests go: the job's own target (or "simulator") as :func:`_base_url` says."""
+    if target.base_url in (spec.api.base_url, "simulator"):
+        return _base_url(spec, opts)
+    return target.base_url
+
+
+def _target_key(spec: JobSpec, target: Target, job_key: str | None) -> str | None:
+    if (target.base_url, target.api_key_env) == (spec.api.base_url, spec.api.api_key_env):
+        return job_key
+    api = msgspec.structs.replace(spec.api, base_url=target.base_url, api_key_env=target.api_key_env)
+    return check_api(msgspec.structs.replace(spec, api=api))
+
+
+async def _run(job: Job, reader: Source, api_key: str | None) -> None:
     spec, opts = job.spec, job.opts
-    concurrency = spec.limits.concurrency
     timeouts = Timeouts(
         connect=spec.api.connect_timeout_s, read=spec.api.read_timeout_s,
         write=spec.api.write_timeout_s, total=spec.api.request_timeout_s,
     )
-    limiter = Limiter(spec.limits.rpm, spec.limits.tpm, clock=opts.clock, sleep=opts.sleep)
+    targets = job.fanout.targets
+    async with contextlib.AsyncExitStack() as stack, anyio.create_task_group() as outer:
+        lanes = []
+        for lane, target in enumerate(targets):
+            client, limiter, policy = await _lane(job, target, timeouts, api_key, stack)
+            lanes.append(Workers(job, client, limiter, policy, lane))
+        outer.start_soon(job.flush_forever)
+        if opts.handle_signals:
+            outer.start_soon(_watch_signals, job)
+        async with anyio.create_task_group() as tg:
+            job.workers_scope = tg.cancel_scope
+            sends = []
+            for workers, target in zip(lanes, targets, strict=True):
+                concurrency = target.concurrency or spec.limits.concurrency
+                send, receive = anyio.create_memory_object_stream[Request](max(2 * concurrency, 64))
+                sends.append(send)
+                async with receive:
+                    for _ in range(concurrency):
+                        tg.start_soon(workers.work, receive.clone())
+            tg.start_soon(job.feed, reader, sends)
+        outer.cancel_scope.cancel()
+    if job.fatal is None and job.money.reached and opts.exit_signal is None:
+        job.fatal = BudgetReached(job.money.stop_text() + "; every finished row is kept: rerun with a higher "
+                                  "budget to carry on")
+        job.summary.stopped = job.money.stop_text()
+    if job.fatal is not None:
+        raise job.fatal
+    if job.lane_fatal:
+        job.fatal = JobStopped(job.lanes_stopped_message() + "; the other variants finished",
+                               cause=next(iter(job.lane_fatal.values())))
+        job.summary.stopped = str(job.fatal)
+        raise job.fatal
+
+
+async def _lane(job: Job, target: Target, timeouts: Timeouts, api_key: str | None,
+                stack: contextlib.AsyncExitStack) -> tuple[Client, Limiter, RetryPolicy]:
+    """One target's own client (connection pool), limiter and retry policy."""
+    spec, opts = job.spec, job.opts
+    limiter = Limiter(target.rpm, target.tpm, clock=opts.clock, sleep=opts.sleep)
     policy = RetryPolicy(
         RetrySettings(
             max_attempts=spec.retry.max_attempts, initial_wait_s=spec.retry.initial_wait_s,
@@ -302,28 +383,15 @@ async def _run(job: Job, reader: Source, builder: RequestBuilder, api_key: str |
         clock=opts.clock,
         limiter=limiter,
     )
-    base_url = _base_url(spec, opts)
-    if spec.api.is_simulator:
+    base_url = _target_url(spec, opts, target)
+    if target.base_url == "simulator":
         log.info("sending to the built-in simulator at %s", base_url)
-    async with Client(
-        base_url, endpoint=spec.api.endpoint, stream=spec.api.stream, api_key=api_key,
-        concurrency=concurrency, timeouts=timeouts, transport=opts.transport,
+    client = await stack.enter_async_context(Client(
+        base_url, endpoint=target.endpoint, stream=spec.api.stream, api_key=_target_key(spec, target, api_key),
+        concurrency=target.concurrency or spec.limits.concurrency, timeouts=timeouts, transport=opts.transport,
         max_body_bytes=int(spec.api.max_response_mb * 2**20), keep_body=spec.output.format == "openai_batch",
-    ) as client, anyio.create_task_group() as outer:
-        workers = Workers(job, client, limiter, policy)
-        outer.start_soon(job.flush_forever)
-        if opts.handle_signals:
-            outer.start_soon(_watch_signals, job)
-        async with anyio.create_task_group() as tg:
-            job.workers_scope = tg.cancel_scope
-            send, receive = anyio.create_memory_object_stream[Request](max(2 * concurrency, 64))
-            tg.start_soon(job.feed, reader, builder, send)
-            async with receive:
-                for _ in range(concurrency):
-                    tg.start_soon(workers.work, receive.clone())
-        outer.cancel_scope.cancel()
-    if job.fatal is not None:
-        raise job.fatal
+    ))
+    return client, limiter, policy
 
 
 async def _watch_signals(job: Job) -> None:

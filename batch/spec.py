@@ -58,13 +58,18 @@ import re
 import string
 from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import msgspec
 import orjson
 
 from batch.spec_errors import with_value as _with_value
+from batch.sweep_spec import SweepSpec
+
+if TYPE_CHECKING:
+    from batch.scores import ScoreSpec
+    from batch.variants import Variant
 
 __all__ = [
     "ApiSpec",
@@ -301,6 +306,9 @@ class LimitsSpec(_Spec, frozen=True):
     concurrency: PositiveInt = 32
     rpm: PositiveFloat | None = None
     tpm: PositiveFloat | None = None
+    # USD for the whole output (earlier runs' cost included); see batch.budget
+    budget_usd: PositiveFloat | None = None
+    budget_per_variant: bool = False  # each variant of a sweep its own share of budget_usd
 
 
 class RetrySpec(_Spec, frozen=True):
@@ -333,11 +341,39 @@ class JobSpec(_Spec, frozen=True):
     retry: RetrySpec = msgspec.field(default_factory=RetrySpec)
     pricing: dict[str, PriceSpec] = msgspec.field(default_factory=dict)
     simulator: dict[str, Any] | None = None
+    sweep: SweepSpec | None = None
     source: Path | None = None
 
     @property
     def name(self) -> str:
         return self.job.name
+
+    def variants(self) -> tuple[Variant, ...]:
+        """The variants this job asks (see :mod:`batch.variants`): one for a plain job."""
+        from batch.variants import expand
+
+        return expand(self)
+
+    @property
+    def samples(self) -> int:
+        """Answers asked per (row, variant): ``[sweep] samples``, 1 for a plain job."""
+        return self.sweep.samples if self.sweep is not None else 1
+
+    @property
+    def is_sweep(self) -> bool:
+        """Whether the job has a grid or listed variants (a ``[sweep]`` with only scores is not one)."""
+        return self.sweep is not None and self.sweep.varies
+
+    def baseline(self) -> str:
+        """The variant the others are compared with: ``[sweep] baseline``, else the first."""
+        if self.sweep is not None and self.sweep.baseline is not None:
+            return self.sweep.baseline
+        return self.variants()[0].name
+
+    @property
+    def scores(self) -> tuple[ScoreSpec, ...]:
+        """The ``[[sweep.score]]`` specs (none for a job without them)."""
+        return self.sweep.score if self.sweep is not None else ()
 
     def settings(self) -> dict[str, Any]:
         """The job's settings as JSON types, for the output's metadata (``source`` left out)."""

@@ -29,6 +29,7 @@ from batch.spec_errors import (
     shown,
     toml_syntax_error,
 )
+from batch.variants import VariantProblem
 
 __all__ = ["TableCheck", "load_job"]
 
@@ -56,6 +57,11 @@ def _find_secret(data: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> tuple
             found = _find_secret(value, path)
             if found:
                 return found
+        if isinstance(value, list):  # [[sweep.variant]] tables
+            for item in value:
+                found = _find_secret(item, path) if isinstance(item, Mapping) else None
+                if found:
+                    return found
     return None
 
 
@@ -204,6 +210,10 @@ def load_job(path: str | Path | None, overrides: Mapping[str, Any] | None = None
             "an openai_batch output holds each answer's JSON body as the server sent it: set stream = false",
             ("api", "stream"),
         )
+    try:
+        spec.variants()
+    except VariantProblem as mistake:
+        raise located.error(mistake.message, mistake.key) from None
     if spec.simulator is not None and check_simulator is not None:
         problem = check_simulator(spec.simulator)
         if problem is not None:

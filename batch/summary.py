@@ -90,6 +90,7 @@ class Summary:
     wall_s: float = 0.0
     stopped: str | None = None  # why the job ended early, if it did
     errors: dict[str, int] = field(default_factory=dict)
+    budget: dict[str, Any] | None = None  # with a budget: batch.budget.Ledger.as_dict()
     _p50_p95: tuple[int, list[float | None]] | None = field(default=None, init=False, repr=False, compare=False)
 
     def add(self, r: Result) -> None:
@@ -151,6 +152,7 @@ class Summary:
             "rows_per_s": round(done / self.wall_s, 2) if self.wall_s > 0 else None,
             "latency_p50_s": None if p50 is None else round(p50, 4),
             "latency_p95_s": None if p95 is None else round(p95, 4),
+            "budget": self.budget,
         }
 
     def to_json(self) -> bytes:
@@ -166,7 +168,8 @@ class Summary:
         lines = []
         head = f"promptmill: job '{self.job}'"
         if self.stopped:
-            head += f" stopped early: {self.stopped}"
+            budget = self.budget is not None and self.budget["reached"]
+            head += f" stopped: {self.stopped}" if budget else f" stopped early: {self.stopped}"
         lines.append(head)
         lines.append(
             f"  rows      {d['rows_ok']:,} ok, {d['rows_failed']:,} failed"
@@ -186,6 +189,8 @@ class Summary:
             lines.append(f"  cost      {_cost_text(m)}  {name}")
         if len(d["models"]) > 1:
             lines.append(f"  cost      {_cost_text(t)}  total")
+        if self.budget is not None:
+            lines.append(f"  budget    {_budget_text(self.budget)}")
         rate = d["rows_per_s"]
         lines.append(f"  time      {d['wall_s']:.1f} s wall, {rate if rate is not None else 0:,.1f} rows/s")
         if d["latency_p50_s"] is not None:
@@ -195,6 +200,19 @@ class Summary:
             lines.append(f"  failures  {errs}")
         lines.append(f"  output    {self.output}")
         return "\n".join(lines)
+
+
+def _budget_text(b: dict[str, Any]) -> str:
+    """``$X of $Y spent (...)``: the output's whole cost against the budget, and what is counted at its worst case."""
+    text = f"${b['spent_usd']:.6f} of ${b['budget_usd']:.6f} spent"
+    if b["spent_before_usd"]:
+        text += f" (${b['spent_before_usd']:.6f} by earlier runs)"
+    if b["per_variant"]:
+        text += ", an equal share a variant"
+    if b["rows_without_usage"]:
+        text += (f"; {b['rows_without_usage']:,} rows without usage counted at their reservation "
+                 f"(${b['without_usage_usd']:.6f}, the worst case)")
+    return text
 
 
 def _cost_text(totals: dict[str, Any]) -> str:

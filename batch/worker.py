@@ -12,6 +12,7 @@ from functools import partial
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
 
+from batch.budget import worst_case
 from batch.client import Client, Reply
 from batch.embed_group import split_usage
 from batch.errors import APIConnectionError, RequestError
@@ -31,15 +32,23 @@ log = logging.getLogger(__name__)
 class Workers:
     """What the worker tasks of one job share; each task runs :meth:`work`."""
 
-    def __init__(self, job: Job, client: Client, limiter: Limiter, policy: RetryPolicy) -> None:
+    def __init__(self, job: Job, client: Client, limiter: Limiter, policy: RetryPolicy, lane: int = 0) -> None:
         self.job = job
         self.client = client
         self.limiter = limiter
         self.policy = policy
+        self.money = job.money
+        self.lane = lane  # the target these workers send to (batch.fanout)
         spec = job.spec
         self.prices = PriceTable(
             {m: Price(p.input, p.output, p.cached_input) for m, p in spec.pricing.items()}
         )
+        # a variant's own price wins over the job's table for its model
+        self.price_of = {
+            v.name: PriceTable({v.model: Price(v.price.input, v.price.output, v.price.cached_input)},
+                               use_defaults=False)
+            for v in job.fanout.variants if v.price is not None
+        }
         self.told: set[str] = set()  # failure codes already logged once
         self.down_after = max(10, 2 * spec.limits.concurrency)
         self.down_rows = 0  # rows failed in a row, in ways that are retried (an outage when it lasts)
@@ -61,10 +70,19 @@ class Workers:
                         break
                 except anyio.EndOfStream:
                     break
+                if self.lane in job.lane_fatal:
+                    continue  # this target answered fatally: its requests are dropped, the others go on
                 while job.in_flight + job.unflushed >= job.max_at_risk and not job.stopping:
                     await job.flushed.wait()  # rare: the disk is slower than the answers
                 if job.stopping:
                     break
+                hold = await self.money.reserve(self._variant(request), self._worst_case(request))
+                if hold is None or job.stopping:  # the budget is reached: this row is not sent
+                    if hold is not None:
+                        self.money.release(hold)
+                    elif not self.money.per_variant:
+                        job.stop_feeding()
+                    continue
                 started = clock()
                 job.sent += 1
                 job.in_flight += 1
@@ -75,9 +93,12 @@ class Workers:
                 except RequestError as exc:
                     exc.row_id = request.id
                     outcome = classify(exc)
+                    self.money.release(hold)
                     if outcome == "fatal":
-                        job.stop_now(exc)
-                        return
+                        job.stop_lane(self.lane, exc)
+                        if job.stopping:
+                            return
+                        continue
                     for member in request.group or (request,):
                         job.record(self._failure(member, exc, clock() - started))
                     self._tell_first(exc)
@@ -88,12 +109,27 @@ class Workers:
                     job.in_flight -= 1
                 self.down_rows = 0
                 self.last_ok = clock()
-                if request.group:
-                    self._record_group(request, reply, attempts)
-                else:
-                    vectors = reply.completion.vectors
-                    job.record(self._success(request, reply, attempts, reply.completion.usage,
-                                             vectors[0] if vectors and len(vectors) == 1 else None))
+                results = self._results(request, reply, attempts)
+                # no usage: counted at the reservation, the worst case
+                self.money.settle(hold, None if any(r.prompt_tokens is None for r in results)
+                                  else sum(r.cost_usd or 0.0 for r in results))
+                for result in results:
+                    job.record(result)
+
+    def _variant(self, request: Request) -> str:
+        variant: str | None = getattr(request, "variant", None)
+        return variant if variant is not None else self.job.model
+
+    def _worst_case(self, request: Request) -> float:
+        """The most this row may cost (0 for a model without a price: a budget refuses those at start).
+
+        A batch file's line may name another model than the job's: its price is that model's.
+        """
+        model, _ = self._model(request)
+        price = self.money.prices.get(self._variant(request))
+        if model != self._variant_model(request):
+            price = self.prices.get(model)
+        return 0.0 if price is None else worst_case(price, request.est_prompt_tokens, answer_tokens(request.body))
 
     def _outage(self, exc: RequestError, down: bool, now: float) -> bool:
         """Count a failed row toward an outage (``down``: it failed in a way that is retried,
@@ -142,39 +178,51 @@ class Workers:
         limiter.settle(reservation, reserve - request.est_prompt_tokens + usage.prompt_tokens if usage else None)
         return reply
 
-    def _record_group(self, request: Request, reply: Reply, attempts: int) -> None:
-        """One result per row of an embeddings group: its vector, and its share of the usage
-        (split in proportion to the rows' estimated tokens: the server reports one usage a request)."""
-        vectors = reply.completion.vectors or []
+    def _results(self, request: Request, reply: Reply, attempts: int) -> list[Result]:
+        """One result a row; an embeddings group's rows each get their vector and their share of the
+        usage (split in proportion to the rows' estimated tokens: the server reports one usage a request)."""
+        vectors = reply.completion.vectors
+        if not request.group:
+            return [self._success(request, reply, attempts, reply.completion.usage,
+                                  vectors[0] if vectors and len(vectors) == 1 else None)]
+        vectors = vectors or []
         members = request.group
         usages = split_usage(reply.completion.usage, [m.est_prompt_tokens for m in members])
-        for i, member in enumerate(members):
-            self.job.record(self._success(member, reply, attempts, usages[i], vectors[i] if i < len(vectors) else None))
+        return [self._success(member, reply, attempts, usages[i], vectors[i] if i < len(vectors) else None)
+                for i, member in enumerate(members)]
 
-    def _model(self, request: Request) -> str:
-        """The model a request asked for: a batch file's line names its own."""
-        model = request.body.get("model")
-        return model if isinstance(model, str) else self.job.model
+    def _variant_model(self, request: Request) -> str:
+        return self.job.model if request.variant is None else self.job.fanout.model_of[request.variant]
+
+    def _model(self, request: Request) -> tuple[str, str]:
+        """The model and endpoint a request asked: its variant's, or those a batch file's line names."""
+        asked = request.body.get("model")
+        model = asked if isinstance(asked, str) else self._variant_model(request)
+        if request.endpoint:
+            return model, request.endpoint
+        if request.variant is None:
+            return model, self.job.endpoint
+        return model, self.job.fanout.endpoint_of[request.variant]
 
     def _success(self, request: Request, reply: Reply, attempts: int, u: Usage | None,
                  embedding: list[float] | None) -> Result:
         c = reply.completion
-        model = self._model(request)
+        model, endpoint = self._model(request)
+        prices = self.price_of.get(request.variant or "", self.prices)
         return Result(
             index=request.index, id=request.id, passthrough=request.passthrough,
-            fingerprint=request.fingerprint, model=model, endpoint=request.endpoint or self.job.endpoint,
-            status="ok",
+            fingerprint=request.fingerprint, model=model, endpoint=endpoint, status="ok",
             text=c.text, refusal=c.refusal, finish_reason=c.finish_reason,
             prompt_tokens=u.prompt_tokens if u else None,
             completion_tokens=u.completion_tokens if u else None,
             total_tokens=u.total_tokens if u else None,
             cached_tokens=u.cached_tokens if u else None,
             reasoning_tokens=u.reasoning_tokens if u else None,
-            cost_usd=self.prices.cost(model, u),
+            cost_usd=prices.cost(model, u),
             latency_s=reply.latency_s, ttft_s=c.ttft_s, attempts=attempts, http_status=reply.http_status,
             response_id=c.response_id, created=c.created, system_fingerprint=c.system_fingerprint,
             embedding=embedding, response_body=None if reply.body is None else reply.body.decode("utf-8", "replace"),
-            request_id=reply.headers.get("x-request-id"),
+            request_id=reply.headers.get("x-request-id"), variant=request.variant, sample=request.sample,
         )
 
     def _tell_first(self, exc: RequestError) -> None:
@@ -190,10 +238,11 @@ class Workers:
                     exc.row_id, exc.message, hint)
 
     def _failure(self, request: Request, exc: RequestError, elapsed: float) -> Result:
+        model, endpoint = self._model(request)
         return Result(
             index=request.index, id=request.id, passthrough=request.passthrough,
-            fingerprint=request.fingerprint, model=self._model(request), endpoint=request.endpoint or self.job.endpoint,
-            status="failed",
+            fingerprint=request.fingerprint, model=model, endpoint=endpoint, status="failed",
             latency_s=elapsed, attempts=exc.attempts or 1, http_status=exc.http_status,
             error_code=exc.code or type(exc).__name__, error=exc.message,
+            variant=request.variant, sample=request.sample,
         )

@@ -45,8 +45,8 @@ initial_wait_s = 0.01
 def test_every_exit_code_is_pinned_and_in_the_readme() -> None:
     # each code is also run end to end: 0, 1, 2 here; 3 in test_limits_e2e (fatal answers, outage);
     # 75 in test_resume (the output locked by another run); 130 and 143 in test_resume (signals);
-    # 65 and 74 by the input-change and disk-error tests.
-    assert sorted(EXIT_REASONS) == [0, 1, 2, 3, 65, 74, 75, 130, 143]
+    # 65 and 74 by the input-change and disk-error tests; 4 in test_budget (the budget reached).
+    assert sorted(EXIT_REASONS) == [0, 1, 2, 3, 4, 65, 74, 75, 130, 143]
     assert "EX_TEMPFAIL" in EXIT_REASONS[75] and "lock" in EXIT_REASONS[75]
     assert "EX_IOERR" in EXIT_REASONS[74]
     assert "input changed" in EXIT_REASONS[65]

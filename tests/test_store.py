@@ -46,7 +46,7 @@ def test_schema_has_every_column_in_order() -> None:
         "id", "topic", "model", "endpoint", "status", "text", "refusal", "finish_reason", "prompt_tokens",
         "completion_tokens", "total_tokens", "cached_tokens", "reasoning_tokens", "cost_usd",
         "latency_s", "ttft_s", "attempts", "http_status", "error_code", "error", "response_id",
-        "created", "system_fingerprint", "request_fingerprint",
+        "created", "system_fingerprint", "request_fingerprint", "variant", "sample", "params", "finished_at",
     ]
     assert schema.field("created").type == pa.timestamp("us", tz="UTC")
     assert schema.field("prompt_tokens").type == pa.int64()

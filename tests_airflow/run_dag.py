@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import json
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from airflow.models.xcom import XComModel
 from airflow.utils.session import create_session
-
 from nightly_dag import dag  # the DAGs folder (jobs/airflow) is on sys.path, as Airflow puts it
 
-day = datetime.strptime(sys.argv[1], "%Y-%m-%d").replace(tzinfo=timezone.utc)
+day = datetime.strptime(sys.argv[1], "%Y-%m-%d").replace(tzinfo=UTC)
 run = dag.test(logical_date=day)
 with create_session() as session:
     xcom = session.query(XComModel).filter_by(dag_id=dag.dag_id, run_id=run.run_id, task_id="generate").all()

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
-
 from conftest import REPO, airflow_env
 
 RUN_DAG = str(Path(__file__).with_name("run_dag.py"))
@@ -42,7 +41,12 @@ def test_the_nightly_dag_succeeds_with_the_summary_in_xcom(airflow_home: Path, t
     assert summary["output"] == str(output)
     ids = pq.read_table(output, columns=["id"])["id"].to_pylist()
     assert len(ids) == len(set(ids)) == 50
+    # the day's report, written by the task after it from the output it named
+    report = Path(str(output) + ".report.md").read_text()
+    assert "| variant |" in report.lower() or "variant" in report.lower()
+    assert "50" in report  # the rows of the run
     # the connection's password reached the job's environment only
+
     assert SECRET not in done.stdout + done.stderr
     assert "--api-key-env PROMPTMILL_API_KEY" in done.stdout + done.stderr
 

@@ -137,7 +137,8 @@ def parse(sim: SimState, raw: bytes, chat: bool) -> _Request | _Refusal:
     max_tokens = replies.max_tokens(body)
     digests = [replies.digest(body, i) for i in range(n)]
     sim.count_seen(digests[0][:16])
-    answers = [replies.reply_from_digest(d, max_tokens) for d in digests]
+    sim.note_params(body)
+    answers = [replies.answer(body, d, max_tokens) for d in digests]
     return _Request(chat, body, n, max_tokens, digests, answers, replies.count_prompt_tokens(body))
 
 

@@ -15,12 +15,13 @@ A test can compute the text and usage it expects with :func:`reply_for` and
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Mapping
 from typing import Any
 
 import orjson
 
-__all__ = ["count_prompt_tokens", "digest", "key_label", "max_tokens", "reply_for", "reply_from_digest"]
+__all__ = ["answer", "arithmetic", "count_prompt_tokens", "digest", "error_rate", "key_label", "max_tokens", "reply_for", "reply_from_digest"]
 
 Reply = tuple[str, int, str]  # (text, completion_tokens, finish_reason)
 
@@ -113,8 +114,53 @@ def reply_for(body: Mapping[str, Any], index: int = 0) -> Reply:
 
     A pure function of model, messages/prompt, seed, choice index and max_tokens
     (or max_completion_tokens); the full reply has 5 to 32 words, one token each.
+    A sum question ("What is 17 + 25?") gets :func:`arithmetic` instead.
     """
-    return reply_from_digest(digest(body, index), max_tokens(body))
+    return answer(body, digest(body, index), max_tokens(body))
+
+
+_SUM = re.compile(r"What is (-?\d+) \+ (-?\d+)\?")
+
+
+def _last_text(body: Mapping[str, Any]) -> str:
+    messages = body.get("messages")
+    if isinstance(messages, list) and messages and isinstance(messages[-1], dict):
+        content = messages[-1].get("content")
+        return content if isinstance(content, str) else ""
+    prompt = body.get("prompt")
+    return prompt if isinstance(prompt, str) else ""
+
+
+def error_rate(model: str, temperature: float) -> float:
+    """How often a simulated model gets a sum wrong: "-large" models 5%, others 30%,
+    plus 20 points per unit of temperature (capped at 90%)."""
+    base = 0.05 if model.endswith("-large") else 0.30
+    return min(0.9, base + 0.2 * max(temperature, 0.0))
+
+
+def arithmetic(body: Mapping[str, Any], digest: bytes) -> str | None:
+    """The answer to a sum question, right or off by 1 to 9 as :func:`error_rate` says, or None."""
+    found = _SUM.search(_last_text(body))
+    if found is None:
+        return None
+    right = int(found.group(1)) + int(found.group(2))
+    temperature = body.get("temperature")
+    t = float(temperature) if isinstance(temperature, int | float) and not isinstance(temperature, bool) else 0.0
+    draw = int.from_bytes(digest[:4], "big") / 2**32
+    wrong = draw < error_rate(str(body.get("model")), t)
+    value = right + (1 + digest[4] % 9) * (1 if digest[5] % 2 else -1) if wrong else right
+    return f"The answer is {value}."
+
+
+def answer(body: Mapping[str, Any], digest: bytes, max_tokens: int | None) -> Reply:
+    """A choice's reply: the sum's answer for a sum question, else words drawn from the digest."""
+    text = arithmetic(body, digest)
+    if text is None:
+        return reply_from_digest(digest, max_tokens)
+    count = len(text.split())
+    if max_tokens is not None and max_tokens < count:
+        return " ".join(text.split()[: max(max_tokens, 0)]), max(max_tokens, 0), "length"
+    return text, count, "stop"
 
 
 def key_label(api_key: str | None) -> str:

@@ -14,6 +14,10 @@ from batch.simulator.settings import SimConfig, changed_config
 __all__ = ["SimState"]
 
 
+# the body fields ``params_seen`` keeps of each request
+_NOTED = ("model", "temperature", "top_p", "seed", "n", "max_tokens")
+
+
 class SimState:
     """Config, counters, rate windows and the fault RNG; lives on the event loop."""
 
@@ -27,6 +31,7 @@ class SimState:
     def reset(self) -> None:
         """Zero the counters, empty the rate window, reseed the fault RNG."""
         self.requests = 0
+        self.params_seen: list[dict[str, Any]] = []
         self.by_status: dict[str, int] = {}
         self.by_key: dict[str, int] = {}
         self.by_fault: dict[str, int] = {}
@@ -64,6 +69,7 @@ class SimState:
             "repeats": self.repeats,
             "in_flight": self.in_flight,
             "max_in_flight": self.max_in_flight,
+            "params_seen": list(self.params_seen),
         }
 
     def next_id(self) -> int:
@@ -80,6 +86,11 @@ class SimState:
             if len(self._labels) < 4096:
                 self._labels[presented] = label
         self.count(self.by_key, label)
+
+    def note_params(self, body: dict[str, Any]) -> None:
+        """What a test checks a sweep sent: model and sampling parameters of the last 10,000 bodies."""
+        if len(self.params_seen) < 10_000:
+            self.params_seen.append({k: body.get(k) for k in _NOTED if k in body})
 
     def count_seen(self, request_key: bytes) -> None:
         if request_key in self.seen:

@@ -43,7 +43,7 @@ from batch.store.checks import (
 from batch.store.identity import read_job_identity, write_job_identity
 from batch.store.lock import OutputLock
 from batch.store.parts import PartWriter, next_run_number, part_files, parts_dir
-from batch.store.resume import ResumeIndex, load_index
+from batch.store.resume import PLAIN_KEY, SWEEP_KEY, ResumeIndex, load_index, sweep_key
 from batch.store.schema import METADATA_KEY, RESULT_FIELDS, output_schema
 
 if TYPE_CHECKING:
@@ -51,7 +51,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "METADATA_KEY",
+    "PLAIN_KEY",
     "RESULT_FIELDS",
+    "SWEEP_KEY",
     "OutputLock",
     "OutputStore",
     "PartWriter",
@@ -72,6 +74,7 @@ __all__ = [
     "read_job_identity",
     "remove_parts_dir",
     "summary_path",
+    "sweep_key",
     "write_job_identity",
 ]
 
@@ -103,8 +106,9 @@ class OutputStore:
     """
 
     def __init__(self, path: Path, schema: pa.Schema, lock: OutputLock, index: ResumeIndex,
-                 parts: PartWriter) -> None:
+                 parts: PartWriter, key: tuple[str, ...] = PLAIN_KEY) -> None:
         self.path = path
+        self.key = key
         self.schema = schema
         self.index = index
         self._lock = lock
@@ -120,11 +124,12 @@ class OutputStore:
 
     @classmethod
     def open(cls, path: Path, identity: Mapping[str, Any], schema: pa.Schema, *, fresh: bool = False,
-             keep_failed: bool = False) -> OutputStore:
+             keep_failed: bool = False, key: tuple[str, ...] = PLAIN_KEY) -> OutputStore:
         """Lock ``path`` for this run and load what earlier runs of the same job finished.
 
         ``fresh`` forgets every earlier run; otherwise an output another job wrote is
         refused. ``keep_failed``: the index holds the failed rows too (``--no-retry-failed``).
+        ``key``: what identifies a row across runs: the id (a plain job) or ``SWEEP_KEY``.
         """
         lock = OutputLock(path)
         lock.acquire()
@@ -140,12 +145,12 @@ class OutputStore:
                         path=path,
                     )
             write_job_identity(path, identity)
-            index = load_index(path, include_failed=keep_failed)
+            index = load_index(path, include_failed=keep_failed, key=key)
             parts = PartWriter(path, schema, next_run_number(path))
         except BaseException:
             lock.release()
             raise
-        return cls(path, schema, lock, index, parts)
+        return cls(path, schema, lock, index, parts, key)
 
     # -- rows to parts -------------------------------------------------------
 
@@ -187,7 +192,10 @@ class OutputStore:
 
     def assemble(self) -> int:
         """Merge the earlier output and every part into the output, atomically; the row count."""
-        rows: int = assembly.assemble(self.path, self.schema)
+        if self.key == PLAIN_KEY:
+            rows: int = assembly.assemble(self.path, self.schema)
+        else:
+            rows = assembly.assemble(self.path, self.schema, self.key)
         return rows
 
     def write_summary(self, summary: Summary) -> Path:

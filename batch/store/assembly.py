@@ -18,7 +18,7 @@ from batch.errors import DiskError, OutputError
 from batch.store.atomic import atomic_write
 from batch.store.checks import output_target
 from batch.store.parts import PART_RE, part_files, source_batches, sources
-from batch.store.resume import id_hashes, latest_rows, winners
+from batch.store.resume import PLAIN_KEY, id_hashes, latest_rows, winners
 
 __all__ = ["assemble"]
 
@@ -27,7 +27,8 @@ __all__ = ["assemble"]
 _ROW_GROUP_ROWS = 8_192
 # columns whose values are all or nearly all different: a dictionary page there
 # is built, found useless and thrown away for every row group
-_NO_DICTIONARY = frozenset({"id", "text", "response_id", "request_fingerprint", "latency_s", "ttft_s", "created"})
+_NO_DICTIONARY = frozenset({"id", "text", "response_id", "request_fingerprint", "latency_s", "ttft_s", "created",
+                            "finished_at"})
 
 
 def _itersource_batches(path: Path, schema: pa.Schema) -> Iterator[pa.RecordBatch]:
@@ -56,7 +57,7 @@ def _conform(table: pa.Table, schema: pa.Schema, path: Path) -> pa.Table:
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
-def assemble(output: Path, schema: pa.Schema) -> int:
+def assemble(output: Path, schema: pa.Schema, key: tuple[str, ...] = PLAIN_KEY) -> int:
     """Merge the previous output and every part into ``output``, atomically. Returns the row count.
 
     Memory stays bounded by one batch of one source plus the id column of all
@@ -71,9 +72,9 @@ def assemble(output: Path, schema: pa.Schema) -> int:
     if output in found or len(runs) > 1:
         # ids are unique within one run (the input's are checked, each row is done
         # once); only an earlier run's rows can repeat one
-        hashes, offsets = id_hashes(found)
+        hashes, offsets = id_hashes(found, key)
         if hashes_repeat(hashes):
-            mask = winners(latest_rows(found)[0])
+            mask = winners(latest_rows(found, key)[0])
         del hashes
         pa.default_memory_pool().release_unused()
     else:

@@ -45,7 +45,8 @@ _IPC_OPTIONS = ipc.IpcWriteOptions(compression="zstd")
 # what building a column raises for a value it cannot hold (an int beyond 64 bits, a lone surrogate)
 _UNSTORABLE = (pa.ArrowException, OverflowError, TypeError, ValueError, UnicodeError)
 # the columns a row written failed for an unstorable value keeps
-_KEPT_ON_FAILURE = frozenset({"model", "endpoint", "attempts", "latency_s", "request_fingerprint"})
+_KEPT_ON_FAILURE = frozenset({"model", "endpoint", "attempts", "latency_s", "request_fingerprint", "variant",
+                              "sample", "params", "finished_at"})
 
 
 def parts_dir(output: Path) -> Path:

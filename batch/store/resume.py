@@ -17,18 +17,39 @@ from batch._startup import compute
 from batch.errors import OutputError
 from batch.store.parts import read_columns, source_batches, sources
 
-__all__ = ["ResumeIndex", "id_hashes", "latest_rows", "load_index", "winners"]
+__all__ = ["PLAIN_KEY", "SWEEP_KEY", "ResumeIndex", "id_hashes", "latest_rows", "load_index", "sweep_key", "winners"]
 
 # between id and request fingerprint in a resume key (a fingerprint is hex, so never holds it)
 _KEY_SEP = "\x1f"
 
 
-def latest_rows(sources: list[Path]) -> tuple[pa.Table, list[int]]:
-    """id, fingerprint and status of every source row, plus which global rows are each id's newest."""
+#: the resume key of a plain job's rows: the id alone; a sweep's is (id, variant, sample)
+PLAIN_KEY = ("id",)
+SWEEP_KEY = ("id", "variant", "sample")
+
+
+def _keyed(path: Path, key: tuple[str, ...]) -> pa.Table:
+    """id (the whole resume key, joined, when it has more columns), fingerprint and status of a source."""
+    if key == PLAIN_KEY:
+        return read_columns(path, ["id", "request_fingerprint", "status"])
+    pc = compute()
+    try:
+        t = read_columns(path, [*key, "request_fingerprint", "status"])
+    except (OutputError, KeyError):
+        # an output written before the sweep's columns: its rows are sample 0 of no variant
+        t = read_columns(path, ["id", "request_fingerprint", "status"])
+        return t
+    parts = [pc.fill_null(pc.cast(t[name], pa.string()), "") for name in key]
+    joined = pc.binary_join_element_wise(*parts, _KEY_SEP)
+    return pa.table({"id": joined, "request_fingerprint": t["request_fingerprint"], "status": t["status"]})
+
+
+def latest_rows(sources: list[Path], key: tuple[str, ...] = PLAIN_KEY) -> tuple[pa.Table, list[int]]:
+    """key (as "id"), fingerprint and status of every source row, plus which global rows are each key's newest."""
     tables = []
     offsets = [0]
     for path in sources:
-        t = read_columns(path, ["id", "request_fingerprint", "status"])
+        t = _keyed(path, key)
         tables.append(t)
         offsets.append(offsets[-1] + t.num_rows)
     if not tables:
@@ -39,10 +60,15 @@ def latest_rows(sources: list[Path]) -> tuple[pa.Table, list[int]]:
     return all_rows, offsets
 
 
-def id_hashes(sources: list[Path]) -> tuple[array[int], list[int]]:
-    """The hash of every source row's id, in order, and where each source starts."""
+def id_hashes(sources: list[Path], key: tuple[str, ...] = PLAIN_KEY) -> tuple[array[int], list[int]]:
+    """The hash of every source row's id (resume key), in order, and where each source starts."""
     hashes: array[int] = array("q")
     offsets = [0]
+    if key != PLAIN_KEY:
+        for path in sources:
+            hashes.extend(map(hash, _keyed(path, key)["id"].to_pylist()))
+            offsets.append(len(hashes))
+        return hashes, offsets
     for path in sources:
         try:
             for batch in source_batches(path, ["id"]):
@@ -94,19 +120,24 @@ class ResumeIndex:
         return len(self.keys) + len(self.failed_keys)
 
 
+def sweep_key(row_id: str, variant: str, sample: int) -> str:
+    """The resume key of a sweep's row, as :func:`load_index` joins it (to look up with a fingerprint)."""
+    return f"{row_id}{_KEY_SEP}{variant}{_KEY_SEP}{sample}"
+
+
 def _holds(keys: array[int], h: int) -> bool:
     i = bisect_left(keys, h)
     return i < len(keys) and keys[i] == h
 
 
-def load_index(output: Path, *, include_failed: bool = False) -> ResumeIndex:
+def load_index(output: Path, *, include_failed: bool = False, key: tuple[str, ...] = PLAIN_KEY) -> ResumeIndex:
     """What earlier runs finished: the newest row of each id, if ok (or failed too, when asked).
 
     Fast on a million rows: three columns are read, the keys are joined in Arrow,
     hashed by ``map(hash, ...)`` and sorted in Arrow; no per-row Python loop.
     """
     found = sources(output)
-    all_rows, _ = latest_rows(found)
+    all_rows, _ = latest_rows(found, key)
     if all_rows.num_rows == 0:
         return ResumeIndex(array("q"), 0, 0)
     # an assembled output alone holds each id once: only parts can repeat one

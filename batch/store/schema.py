@@ -33,6 +33,11 @@ RESULT_FIELDS: tuple[pa.Field, ...] = (
     pa.field("system_fingerprint", pa.string()),
     # the key a rerun uses to recognise a finished row: a hash of the request body
     pa.field("request_fingerprint", pa.string()),
+    # the sweep's columns (a plain job has one variant, named after its model, and sample 0)
+    pa.field("variant", pa.string()),
+    pa.field("sample", pa.int32()),
+    pa.field("params", pa.string()),  # the variant's parameters, JSON text
+    pa.field("finished_at", pa.timestamp("us", tz="UTC")),  # when the row was stored
 )
 RESULT_NAMES = tuple(f.name for f in RESULT_FIELDS)
 

@@ -1,4 +1,5 @@
-"""A nightly promptmill job in Airflow: prompts in, a Parquet file of answers out per logical date.
+"""A nightly promptmill job in Airflow: prompts in, a Parquet file of answers out per logical date,
+then that day's report (Markdown, beside the output) from ``promptmill report``.
 
 It runs on the built-in simulator (no key, no network). For a real API, set
 ``api.base_url`` in the job file, create an Airflow connection holding the key
@@ -14,9 +15,11 @@ and the task's retries ``PROMPTMILL_NIGHTLY_RETRIES`` (default 2, five minutes a
 from __future__ import annotations
 
 import os
+import sys
 from datetime import datetime, timedelta
 from pathlib import Path
 
+from airflow.providers.standard.operators.bash import BashOperator
 from airflow.sdk import DAG
 
 from batch.airflow import PromptmillOperator
@@ -42,3 +45,13 @@ with DAG(
         overrides={"max_failed_fraction": 0.01},
         conn_id=os.environ.get("PROMPTMILL_NIGHTLY_CONN"),
     )
+    # The day's report, from the output the task above wrote (the task's XCom names it).
+    report = BashOperator(
+        task_id="report",
+        bash_command=(
+            f"{sys.executable} -m batch report "
+            "{{ ti.xcom_pull(task_ids='generate')['output'] }} --format md "
+            "-o {{ ti.xcom_pull(task_ids='generate')['output'] }}.report.md"
+        ),
+    )
+    generate >> report
