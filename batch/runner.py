@@ -300,6 +300,7 @@ async def _finish(job: Job) -> None:
             ok, bad = await anyio.to_thread.run_sync(lambda: write_batch_output(store.path, *files))
             log.info("batch output: %s lines in %s%s", f"{ok + bad if len(files) == 1 else ok:,}", files[0],
                      f", {bad:,} failed lines in {files[1]}" if len(files) > 1 else "")
+            summary.batch_files = [str(f) for f in files]
     except DiskError as exc:
         failed = exc
         summary.stopped = str(exc)

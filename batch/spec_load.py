@@ -17,8 +17,9 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from batch.errors import JobFileError
+from batch.errors import JobFileError, PromptmillError
 from batch.records import OUTPUT_COLUMNS
+from batch.sources import detect_format
 from batch.spec import ENV_NAME, JobSpec, PriceSpec, RequestSpec
 from batch.spec_errors import (
     NOT_SHOWN,
@@ -128,6 +129,14 @@ def _check_passthrough(names: tuple[str, ...], located: Located) -> None:
 TableCheck = Callable[[Mapping[str, Any]], tuple[str | None, str] | None]
 
 
+def _input_format(spec: JobSpec) -> str | None:
+    """The input's format, or None when it cannot be told yet (the source reports why when it opens)."""
+    try:
+        return detect_format(spec.input)
+    except (PromptmillError, OSError):
+        return None
+
+
 def load_job(path: str | Path | None, overrides: Mapping[str, Any] | None = None, *,
              check_simulator: TableCheck | None = None) -> JobSpec:
     """Read and validate a job.
@@ -214,6 +223,11 @@ def load_job(path: str | Path | None, overrides: Mapping[str, Any] | None = None
         spec.variants()
     except VariantProblem as mistake:
         raise located.error(mistake.message, mistake.key) from None
+    if spec.is_sweep and (spec.output.format == "openai_batch" or _input_format(spec) == "openai_batch"):
+        raise located.error(
+            "a [sweep] cannot run over an OpenAI batch file (input or output): each line is one request with its "
+            "own body; run the batch file as a plain job, or sweep over a Parquet or JSONL prompt file", ("sweep",),
+        )
     if spec.simulator is not None and check_simulator is not None:
         problem = check_simulator(spec.simulator)
         if problem is not None:

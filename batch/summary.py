@@ -91,6 +91,8 @@ class Summary:
     stopped: str | None = None  # why the job ended early, if it did
     errors: dict[str, int] = field(default_factory=dict)
     budget: dict[str, Any] | None = None  # with a budget: batch.budget.Ledger.as_dict()
+    # with output.format = "openai_batch": the batch output file (and the error file) written from ``output``
+    batch_files: list[str] = field(default_factory=list)
     _p50_p95: tuple[int, list[float | None]] | None = field(default=None, init=False, repr=False, compare=False)
 
     def add(self, r: Result) -> None:
@@ -140,6 +142,7 @@ class Summary:
         return {
             "job": self.job,
             "output": self.output,
+            "batch_files": self.batch_files,
             "stopped": self.stopped,
             "rows_ok": self.rows_ok,
             "rows_failed": self.rows_failed,
@@ -198,7 +201,11 @@ class Summary:
         if d["errors"]:
             errs = ", ".join(f"{k}: {v:,}" for k, v in d["errors"].items())
             lines.append(f"  failures  {errs}")
-        lines.append(f"  output    {self.output}")
+        if self.batch_files:
+            errors = f", failed lines in {self.batch_files[1]}" if len(self.batch_files) > 1 else ""
+            lines.append(f"  output    {self.batch_files[0]}{errors} (from the Parquet store {self.output})")
+        else:
+            lines.append(f"  output    {self.output}")
         return "\n".join(lines)
 
 

@@ -76,7 +76,11 @@ class Workers:
                     await job.flushed.wait()  # rare: the disk is slower than the answers
                 if job.stopping:
                     break
-                hold = await self.money.reserve(self._variant(request), self._worst_case(request))
+                worst = self._worst_case(request)
+                if worst is None:  # a batch file's line names a model without a price, under a budget
+                    job.record(self._unpriced(request))
+                    continue
+                hold = await self.money.reserve(self._variant(request), worst)
                 if hold is None or job.stopping:  # the budget is reached: this row is not sent
                     if hold is not None:
                         self.money.release(hold)
@@ -120,16 +124,31 @@ class Workers:
         variant: str | None = getattr(request, "variant", None)
         return variant if variant is not None else self.job.model
 
-    def _worst_case(self, request: Request) -> float:
+    def _worst_case(self, request: Request) -> float | None:
         """The most this row may cost (0 for a model without a price: a budget refuses those at start).
 
-        A batch file's line may name another model than the job's: its price is that model's.
+        A batch file's line may name another model than the job's: its price is that model's, and
+        None when it has none under a budget (its cost could not be bounded). An embeddings
+        request has no answer tokens: its worst case is its prompt.
         """
         model, _ = self._model(request)
         price = self.money.prices.get(self._variant(request))
         if model != self._variant_model(request):
             price = self.prices.get(model)
+            if price is None and self.money.limit is not None:
+                return None
         return 0.0 if price is None else worst_case(price, request.est_prompt_tokens, answer_tokens(request.body))
+
+    def _unpriced(self, request: Request) -> Result:
+        model, endpoint = self._model(request)
+        return Result(
+            index=request.index, id=request.id, passthrough=request.passthrough,
+            fingerprint=request.fingerprint, model=model, endpoint=endpoint, status="failed",
+            attempts=0, error_code="unpriced",
+            error=f"the model {model!r} has no price and the job has a budget: its cost cannot be bounded, "
+                  f"so it was not sent; add [pricing.\"{model}\"] to the job file (USD per million tokens)",
+            variant=request.variant, sample=request.sample,
+        )
 
     def _outage(self, exc: RequestError, down: bool, now: float) -> bool:
         """Count a failed row toward an outage (``down``: it failed in a way that is retried,
