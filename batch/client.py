@@ -1,11 +1,15 @@
 """The client stage: send one request, parse the answer, or raise a named error.
 
-``Client.complete(body)`` posts one body to ``{base_url}/chat/completions`` or
-``{base_url}/completions`` and returns a ``Reply``. The wire quirks it absorbs
-(see DESIGN.md, "The wire") live in the pure parsers of ``batch.wire``
-(``parse_completion`` for JSON bodies, ``StreamAssembler`` for SSE streams), so
-they can be tested and fuzzed without a network; this module is the HTTP side,
-over the stack in ``batch.network``.
+``Client.complete(body)`` posts one body to ``{base_url}/chat/completions``,
+``{base_url}/completions`` or ``{base_url}/embeddings`` (the client's endpoint,
+or the one a batch file's line names) and returns a ``Reply``. The wire quirks it
+absorbs (see DESIGN.md, "The wire") live in the pure parsers of ``batch.wire``
+(``parse_completion`` for JSON bodies, ``StreamAssembler`` for SSE streams) and
+``batch.wire_embed`` (an embeddings answer's vectors, base64 decoded, and its
+usage), so they can be tested and fuzzed without a network; this module is the
+HTTP side, over the stack in ``batch.network``. Embeddings are never streamed.
+With ``keep_body`` the answer's raw JSON is kept on the ``Reply`` (an OpenAI
+batch output line holds it as the server sent it).
 
 Every failure is one of three errors from ``batch.errors``:
 
