@@ -16,10 +16,11 @@ from typing import Any
 import msgspec
 import orjson
 
-from batch.prompts import Done, RequestBuilder
+from batch.prompts import Done, RequestBuilder, output_format
 from batch.records import Request, Row
 from batch.spec import JobSpec
 from batch.store import sweep_key
+from batch.structured import OutputFormat
 from batch.variants import Target, Variant, sample_seed
 
 __all__ = ["Fanout"]
@@ -28,14 +29,17 @@ __all__ = ["Fanout"]
 class Fanout:
     """Builds every request of a row, for every variant and sample, in a fixed order."""
 
-    def __init__(self, spec: JobSpec, variants: tuple[Variant, ...] | None = None) -> None:
+    def __init__(self, spec: JobSpec, variants: tuple[Variant, ...] | None = None,
+                 fmt: OutputFormat | None = None) -> None:
         self.spec = spec
+        #: structured output: one schema for every variant, sent its endpoint's way (None: plain text)
+        self.format = fmt if fmt is not None else output_format(spec)
         self.variants = variants if variants is not None else spec.variants()
         self.sweep = spec.is_sweep
         self.samples = spec.samples
         self.targets: list[Target] = list(dict.fromkeys(v.target for v in self.variants))
         lane_of = {t: i for i, t in enumerate(self.targets)}
-        self._arms = [(v, lane_of[v.target], RequestBuilder(spec, v), "seed" in v.params,
+        self._arms = [(v, lane_of[v.target], RequestBuilder(spec, v, self.format), "seed" in v.params,
                        orjson.dumps(v.params_doc()).decode()) for v in self.variants]
         self.params_json = {v.name: arm[4] for v, arm in zip(self.variants, self._arms, strict=True)}
         self.model_of = {v.name: v.model for v in self.variants}

@@ -30,6 +30,7 @@ from batch.scores import Scorer
 from batch.sources import Source
 from batch.spec import JobSpec
 from batch.store import OutputStore
+from batch.structured import OutputFormat
 from batch.summary import Summary
 
 if TYPE_CHECKING:
@@ -49,7 +50,7 @@ class Job:
 
     def __init__(self, spec: JobSpec, opts: RunOptions, store: OutputStore, summary: Summary,
                  progress: Progress, secret: str | None = None, input_seen: os.stat_result | None = None,
-                 money: Ledger | None = None) -> None:
+                 money: Ledger | None = None, fmt: OutputFormat | None = None) -> None:
         self.spec = spec
         self.money = money or Ledger(None, {spec.request.model: None})  # spent, reserved and the budget
         # the API key: redacted from every text a server sent before it is stored or counted
@@ -61,7 +62,7 @@ class Job:
         self.progress = progress
         self.model = spec.request.model
         self.endpoint = spec.api.endpoint
-        self.fanout = Fanout(spec)
+        self.fanout = Fanout(spec, fmt=fmt)
         self.scorer = Scorer(spec.scores) if spec.scores else None
         # lanes (targets) stopped by a fatal answer, while the others go on
         self.lane_fatal: dict[int, RequestError] = {}
@@ -96,7 +97,9 @@ class Job:
         if result.variant is not None:
             changes["params"] = self.fanout.params_json.get(result.variant)
         if self.scorer is not None:
-            changes["passthrough"] = {**result.passthrough, **self.scorer.score(result.text, result.passthrough)}
+            # a score may read the parsed answer (``field = "parsed.answer"``) as well as the input's columns
+            row = result.passthrough if result.columns is None else {**result.passthrough, **result.columns}
+            changes["passthrough"] = {**result.passthrough, **self.scorer.score(result.text, row)}
         result = msgspec.structs.replace(result, **changes)
         self.store.add(result)
         self.summary.add(result)

@@ -22,7 +22,8 @@ The body keeps a fixed order: ``model``, ``messages``/``prompt``,
 ``max_tokens``, then ``temperature``, ``top_p``, ``stop``, ``seed``, ``n`` when
 set, then the job's extra body fields. ``Request.fingerprint`` is a short hash
 of the endpoint and the body, so a changed prompt or parameter shows up as a
-changed fingerprint.
+changed fingerprint. A job's schema is in the body (``response_format`` or
+``guided_json``), or, with ``send_schema = false``, hashed with it.
 
 ``Request.est_prompt_tokens`` is a rough count for rate limiting, no tokenizer:
 characters of text / 4 plus 4 per message (``batch.tokens``, the one estimator).
@@ -40,12 +41,22 @@ import orjson
 from batch.errors import InputError
 from batch.records import Request, Row
 from batch.spec import JobSpec
+from batch.structured import OutputFormat
 from batch.tokens import messages_tokens, prompt_tokens, tokens_for
 from batch.variants import Variant
 
-__all__ = ["RequestBuilder"]
+__all__ = ["RequestBuilder", "output_format"]
 
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
+
+
+def output_format(spec: JobSpec) -> OutputFormat | None:
+    """The job's structured output (``[output] schema``, read at load), or None: one for all its variants."""
+    out = spec.output
+    if out.schema is None:
+        return None
+    return OutputFormat(out.schema, name=spec.name, send=out.send_schema, strict=out.strict,
+                        flatten=out.flatten, parse_attempts=out.parse_attempts)
 
 
 class Done(Protocol):
@@ -57,13 +68,21 @@ class Done(Protocol):
 class RequestBuilder:
     """Builds one :class:`~batch.records.Request` per row; cheap enough for every row."""
 
-    def __init__(self, spec: JobSpec, variant: Variant | None = None) -> None:
+    def __init__(self, spec: JobSpec, variant: Variant | None = None,
+                 fmt: OutputFormat | None = None) -> None:
         self.spec = spec
         self.endpoint = spec.api.endpoint if variant is None else variant.target.endpoint
         self.chat = self.endpoint == "chat"
         self.embed = self.endpoint == "embeddings"
         self.model = spec.request.model if variant is None else variant.model
-        self.params = spec.request.params() if variant is None else variant.params
+        #: the job's structured output (``[output] schema``), or None; every variant sends it its endpoint's way
+        self.format = fmt if fmt is not None else output_format(spec)
+        self.params = dict(spec.request.params() if variant is None else variant.params)
+        if self.format is not None:
+            self.params.update(self.format.body_fields(self.endpoint))
+        # a schema not sent is not in the body: it joins the fingerprint itself, so a new one redoes the rows
+        self._salt = b"," + self.format.fingerprint_salt() if self.format and not self.format.send else b""
+        # an embeddings request (never with a schema: refused at load) takes no max_tokens
         self.embed_params = {k: v for k, v in self.params.items() if k != "max_tokens"}
         self.system_prompt = spec.input.system_prompt if variant is None else variant.system_prompt
         self.template = spec.input.prompt_template if variant is None else variant.prompt_template
@@ -153,11 +172,11 @@ class RequestBuilder:
         body.update(self.params)
         if extra:
             body.update(extra)
-        return body, est, _digest(self._endpoint_json, body)
+        return body, est, _digest(self._endpoint_json, body, self._salt)
 
 
-def _digest(endpoint_json: bytes, body: dict[str, Any]) -> str:
-    """The request's fingerprint: a short hash of its endpoint and body."""
+def _digest(endpoint_json: bytes, body: dict[str, Any], salt: bytes = b"") -> str:
+    """The request's fingerprint: a short hash of its endpoint and body (and ``salt``: a schema not sent)."""
     return hashlib.blake2b(
-        b"[" + endpoint_json + b"," + orjson.dumps(body, option=orjson.OPT_SORT_KEYS) + b"]", digest_size=16,
+        b"[" + endpoint_json + b"," + orjson.dumps(body, option=orjson.OPT_SORT_KEYS) + salt + b"]", digest_size=16,
     ).hexdigest()

@@ -129,3 +129,6 @@ class Result(msgspec.Struct, frozen=True, gc=False):
     sample: int | None = None
     params: str | None = None  # the variant's parameters as JSON text
     finished_at: datetime | None = None  # when the row was stored (UTC)
+    # structured output only: the parsed answer's column values, and how many answers broke the schema
+    columns: Mapping[str, Any] | None = None
+    invalid_answers: int = 0

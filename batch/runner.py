@@ -51,6 +51,7 @@ from batch.errors import BudgetReached, DiskError, JobStopped, PromptmillError, 
 from batch.job import Job
 from batch.limiter import Limiter
 from batch.progress import Progress
+from batch.prompts import output_format
 from batch.records import Request
 from batch.retry import RetryPolicy, RetrySettings
 from batch.sources import Source, open_source
@@ -65,6 +66,7 @@ from batch.store import (
     output_schema,
 )
 from batch.store.batch_output import write_batch_output
+from batch.store.schema import EXTRA_FIELDS
 from batch.summary import Summary
 from batch.variants import Target
 from batch.worker import Workers
@@ -150,14 +152,14 @@ def _batch_files(spec: JobSpec, opts: RunOptions) -> list[Path]:
     return [spec.output_path(opts.date), *([errors] if errors is not None else [])]
 
 
-def _extra_columns(spec: JobSpec, reader: Source) -> tuple[str, ...]:
+def _extra_columns(spec: JobSpec, reader: Source) -> tuple[pa.Field, ...]:
     """The result columns only some jobs write (see ``batch.store.schema.EXTRA_FIELDS``)."""
     extra: list[str] = []
     if any(v.target.endpoint == "embeddings" for v in spec.variants()) or getattr(reader, "format", None) == "openai_batch":
         extra.append("embedding")
     if spec.output.format == "openai_batch":
         extra += ["response_body", "request_id"]
-    return tuple(extra)
+    return tuple(EXTRA_FIELDS[name] for name in extra)
 
 
 def _with_columns_read(spec: JobSpec) -> JobSpec:
@@ -223,9 +225,10 @@ async def run_job(spec: JobSpec, opts: RunOptions | None = None) -> Summary:
     _release_memory()
     Ledger.check(spec.limits.budget_usd, job_prices(spec))  # a budget with an unpriced model: refused now
     identity = job_identity(spec)
+    fmt = output_format(spec)  # structured output: the schema every variant's answers are checked by
     scores = pa.schema([pa.field(f"score_{s.name}", pa.float64()) for s in spec.scores])
     schema = output_schema(pa.schema([*reader.passthrough_schema, *scores]), _metadata(spec, identity),
-                           _extra_columns(spec, reader))
+                           [*_extra_columns(spec, reader), *(fmt.fields if fmt else ())])
     summary = Summary(job=spec.name, output=str(output))
     opts.summary = summary
 
@@ -239,7 +242,7 @@ async def run_job(spec: JobSpec, opts: RunOptions | None = None) -> Summary:
         rows = getattr(reader, "num_rows", None)
         per_row = len(spec.variants()) * spec.samples
         progress = Progress(rows * per_row if rows is not None else None, enabled=opts.progress, money=money)
-        job = Job(spec, opts, store, summary, progress, api_key, input_seen, money)
+        job = Job(spec, opts, store, summary, progress, api_key, input_seen, money, fmt)
         try:
             await _run(job, reader, api_key)
         except ExceptionGroup as group:

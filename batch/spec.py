@@ -19,6 +19,7 @@ input and output paths and the API base URL has defaults)::
 
     [output]
     path = "out/{job}-{date}.parquet"      # {date} (or {ds}) is the UTC date (YYYY-MM-DD) or --date, {job} the job name
+    # schema_file = "schemas/qa.json"      # structured output: answers must follow this JSON Schema
     flush_rows = 500                       # finished rows are made durable every N rows (default: 500 or the concurrency, the larger) ...
     flush_s = 2.0                          # ... or every S seconds, whichever comes first
 
@@ -182,10 +183,20 @@ class OutputSpec(_Spec, frozen=True):
     # store (``store_path``) at the end; ``error_file`` takes its failed lines
     format: Literal["parquet", "openai_batch"] = "parquet"
     error_file: str | None = None
+    # structured output (README, "Structured output"): a JSON Schema inline, or in a file
+    # (read into ``schema`` at load); see batch.structured
+    schema: dict[str, Any] | None = None
+    schema_file: str | None = None
+    send_schema: bool = True
+    strict: bool = True
+    flatten: bool = False
+    parse_attempts: Annotated[int, msgspec.Meta(ge=0, le=100)] = 2
 
     def _problem(self) -> tuple[str, str] | None:
         if not self.path:
             return "path", "must not be empty"
+        if self.schema is not None and self.schema_file is not None:
+            return "schema_file", "schema and schema_file exclude each other; give one"
         try:
             names = [name for _, name, _, _ in string.Formatter().parse(self.path)]
         except ValueError as exc:

@@ -90,6 +90,8 @@ class Summary:
     wall_s: float = 0.0
     stopped: str | None = None  # why the job ended early, if it did
     errors: dict[str, int] = field(default_factory=dict)
+    # structured output, per variant: [rows asked again after an answer broke the schema, rows never valid]
+    structured: dict[str, list[int]] = field(default_factory=dict)
     budget: dict[str, Any] | None = None  # with a budget: batch.budget.Ledger.as_dict()
     # with output.format = "openai_batch": the batch output file (and the error file) written from ``output``
     batch_files: list[str] = field(default_factory=list)
@@ -118,6 +120,10 @@ class Summary:
             totals.rows_without_usage += 1
         if r.latency_s is not None and r.status == "ok":
             self.latencies.append(r.latency_s)
+        if r.columns is not None:
+            counts = self.structured.setdefault(r.variant or r.model, [0, 0])  # a plain job: its one variant, its model
+            counts[0] += r.invalid_answers > 0
+            counts[1] += r.status == "failed" and r.error_code == "invalid_output"
 
     @property
     def rows_ok(self) -> int:
@@ -155,6 +161,8 @@ class Summary:
             "rows_per_s": round(done / self.wall_s, 2) if self.wall_s > 0 else None,
             "latency_p50_s": None if p50 is None else round(p50, 4),
             "latency_p95_s": None if p95 is None else round(p95, 4),
+            **({"structured": {name: {"rows_reasked": c[0], "rows_never_valid": c[1]}
+                               for name, c in sorted(self.structured.items())}} if self.structured else {}),
             "budget": self.budget,
         }
 
@@ -198,6 +206,8 @@ class Summary:
         lines.append(f"  time      {d['wall_s']:.1f} s wall, {rate if rate is not None else 0:,.1f} rows/s")
         if d["latency_p50_s"] is not None:
             lines.append(f"  latency   p50 {d['latency_p50_s']:.3f} s, p95 {d['latency_p95_s']:.3f} s")
+        for name, c in d.get("structured", {}).items():
+            lines.append(f"  schema    {c['rows_reasked']:,} rows asked again, {c['rows_never_valid']:,} never valid  {name}")
         if d["errors"]:
             errs = ", ".join(f"{k}: {v:,}" for k, v in d["errors"].items())
             lines.append(f"  failures  {errs}")

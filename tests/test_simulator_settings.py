@@ -32,6 +32,7 @@ CHANGED: dict[str, tuple[Any, list[str]]] = {
     "fault_rate": (0.1, ["--fault-rate", "0.1"]),
     "faults": (("500", "hang"), ["--faults", "500,hang"]),
     "seed": (7, ["--fault-seed", "7"]),
+    "invalid_output_rate": (0.25, ["--invalid-output-rate", "0.25"]),
     "fatal_status": (401, ["--fatal-status", "401"]),
     "fatal_after": (3, ["--fatal-after", "3"]),
     "context_tokens": (4096, ["--context-tokens", "4096"]),

@@ -26,7 +26,7 @@ from typing import Any
 import orjson
 from starlette.types import Receive, Scope, Send
 
-from batch.simulator import bodies, embeddings, faults, replies
+from batch.simulator import bodies, embeddings, faults, replies, structured
 from batch.simulator.replies import Reply
 from batch.simulator.settings import SimConfig, public_config
 from batch.simulator.state import SimState
@@ -138,7 +138,13 @@ def parse(sim: SimState, raw: bytes, chat: bool) -> _Request | _Refusal:
     digests = [replies.digest(body, i) for i in range(n)]
     sim.count_seen(digests[0][:16])
     sim.note_params(body)
-    answers = [replies.answer(body, d, max_tokens) for d in digests]
+    schema = structured.schema_of(body)
+    if schema is None:
+        answers = [replies.answer(body, d, max_tokens) for d in digests]
+    else:
+        asked = sim.count_asked(digests[0][:16])
+        rate = sim.config.invalid_output_rate
+        answers = [structured.structured_reply(schema, d, asked, rate, max_tokens) for d in digests]
     return _Request(chat, body, n, max_tokens, digests, answers, replies.count_prompt_tokens(body))
 
 
@@ -279,10 +285,9 @@ class SimApp:
             await self._handle(scope, receive, send, chat)
         except asyncio.CancelledError:
             # The server is stopping under a request that sleeps (latency, a stream, a hang):
-            # drop its connection quietly rather than let uvicorn answer 500 and log a traceback.
-            if not faults.abort(receive):
-                raise
-            await faults.wait_disconnect(receive)
+            # its connection is dropped, not answered with a 500 (if its answer had not started).
+            await faults.drop(send)
+            raise
         finally:
             sim.in_flight -= 1
 
@@ -322,10 +327,7 @@ class SimApp:
             await _send(send, status, body, content_type=b"text/html" if fault == "502" else b"application/json")
             return "done"
         if fault == "reset":
-            if not faults.abort(receive):
-                raise ConnectionResetError("simulated connection reset")
-            await faults.wait_disconnect(receive)
-            return "done"
+            await faults.drop(send)
         if fault == "hang":
             await faults.hold(receive, sim.config.hang_s)
             return None  # the client is gone, or it waited it out and gets its answer

@@ -65,6 +65,8 @@ class SimConfig(msgspec.Struct, kw_only=True):
     faults: Annotated[tuple[FaultKind, ...], _doc(
         f"comma-separated fault kinds (default {','.join(FAULT_KINDS)})")] = FAULT_KINDS  # type: ignore[assignment]
     seed: Annotated[int, _doc("seed of the fault RNG", flag="--fault-seed")] = 0
+    invalid_output_rate: Annotated[_Share, _doc(
+        "share of answers to a request carrying a JSON schema that break it (0..1)")] = 0.0
     fatal_status: Annotated[_ErrorStatus | None, _doc(
         "answer every request with this status (e.g. 401)")] = None
     fatal_after: Annotated[_Count, _doc(

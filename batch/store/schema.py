@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import pyarrow as pa
 
@@ -56,8 +56,9 @@ METADATA_KEY = b"promptmill.job"
 
 
 def output_schema(passthrough: pa.Schema, metadata: Mapping[bytes, bytes] | None = None,
-                  extra: tuple[str, ...] = ()) -> pa.Schema:
-    """The output's schema: ``id``, the pass-through columns, the result columns, then the
-    ``extra`` ones asked for (names of :data:`EXTRA_FIELDS`)."""
-    fields = [pa.field("id", pa.string()), *passthrough, *RESULT_FIELDS, *(EXTRA_FIELDS[name] for name in extra)]
+                  extra: Sequence[pa.Field] = ()) -> pa.Schema:
+    """The output's schema: ``id``, the pass-through columns, the result columns, then ``extra``:
+    those of :data:`EXTRA_FIELDS` a job asks for, or a structured job's parsed answer (filled from
+    ``Result.columns``)."""
+    fields = [pa.field("id", pa.string()), *passthrough, *RESULT_FIELDS, *extra]
     return pa.schema(fields, metadata=dict(metadata) if metadata else None)
