@@ -271,14 +271,13 @@ def load_job(path: str | Path | None, overrides: Mapping[str, Any] | None = None
             "an openai_batch output holds each answer's JSON body as the server sent it: set stream = false",
             ("api", "stream"),
         )
-    if spec.output.schema is not None or spec.output.schema_file is not None:
-        spec = _load_schema(spec, located)
     try:
         spec.variants()
     except VariantProblem as mistake:
         raise located.error(mistake.message, mistake.key) from None
-    if spec.output.schema is not None:
-        _check_schema_fits(spec, located)
+    if spec.output.schema is not None or spec.output.schema_file is not None:
+        _check_schema_fits(spec, located)  # before the schema is read: it may not apply at all
+        spec = _load_schema(spec, located)
     if spec.is_sweep and (spec.output.format == "openai_batch" or _input_format(spec) == "openai_batch"):
         raise located.error(
             "a [sweep] cannot run over an OpenAI batch file (input or output): each line is one request with its "
