@@ -21,6 +21,7 @@ import msgspec
 from anyio.streams.memory import MemoryObjectSendStream
 
 from batch.budget import Ledger
+from batch.embed_group import EmbedGroups
 from batch.errors import InputChanged, InputError, JobStopped, PromptmillError, RequestError
 from batch.fanout import Fanout
 from batch.progress import Progress
@@ -204,9 +205,17 @@ class Job:
         fanout = self.fanout
         index = self.index
         handed = 0
+        embeds = {name for name, endpoint in fanout.endpoint_of.items() if endpoint == "embeddings"}
+        groups = (EmbedGroups(self.spec.input.embed_batch, self.spec.input.embed_max_tokens)
+                  if embeds and self.spec.input.embed_batch > 1
+                  # an openai_batch output line holds its own request's body: one row a request
+                  and self.spec.output.format != "openai_batch" else None)
         while not self.stopping:
             batch = await anyio.to_thread.run_sync(self._next_batch, batches)
             if batch is None:
+                for last in groups.flush() if groups is not None else ():
+                    if not self.stopping and last.lane not in self.lane_fatal:
+                        await sends[last.lane].send(last)
                 return
             skipped = 0
             for row in batch:
@@ -218,6 +227,11 @@ class Job:
                 for request in requests:
                     if request.lane in self.lane_fatal:
                         continue
+                    if groups is not None and not request.endpoint and request.variant in embeds:
+                        grouped = groups.add(request)
+                        if grouped is None:
+                            continue
+                        request = grouped
                     send = sends[request.lane]
                     # Usually there is room: hand it over without a trip through the event
                     # loop (``send`` always yields once), but let the workers in every so often.
@@ -294,7 +308,8 @@ class Job:
             self.flushed = anyio.Event()
 
 
-_SERVER_TEXT = ("text", "finish_reason", "error_code", "error", "response_id", "system_fingerprint")
+_SERVER_TEXT = ("text", "finish_reason", "error_code", "error", "response_id", "system_fingerprint",
+                "response_body", "request_id")
 
 
 def _redacted(result: Result, secret: str) -> Result:

@@ -95,6 +95,8 @@ class Summary:
     budget: dict[str, Any] | None = None  # with a budget: batch.budget.Ledger.as_dict()
     by_variant: bool = False  # a sweep: totals per variant too
     variants: dict[str, ModelTotals] = field(default_factory=dict)
+    # with output.format = "openai_batch": the batch output file (and the error file) written from ``output``
+    batch_files: list[str] = field(default_factory=list)
     _p50_p95: tuple[int, list[float | None]] | None = field(default=None, init=False, repr=False, compare=False)
 
     def add(self, r: Result) -> None:
@@ -158,6 +160,7 @@ class Summary:
         return {
             "job": self.job,
             "output": self.output,
+            "batch_files": self.batch_files,
             "stopped": self.stopped,
             "rows_ok": self.rows_ok,
             "rows_failed": self.rows_failed,
@@ -223,7 +226,11 @@ class Summary:
         if d["errors"]:
             errs = ", ".join(f"{k}: {v:,}" for k, v in d["errors"].items())
             lines.append(f"  failures  {errs}")
-        lines.append(f"  output    {self.output}")
+        if self.batch_files:
+            errors = f", failed lines in {self.batch_files[1]}" if len(self.batch_files) > 1 else ""
+            lines.append(f"  output    {self.batch_files[0]}{errors} (from the Parquet store {self.output})")
+        else:
+            lines.append(f"  output    {self.output}")
         return "\n".join(lines)
 
 

@@ -41,6 +41,7 @@ CHANGED: dict[str, tuple[Any, list[str]]] = {
     "keepalive": (True, ["--keepalive"]),
     "hang_s": (2.5, ["--hang-s", "2.5"]),
     "api_key": ("sk-from-env", ["--api-key-env", "SIM_KEY"]),
+    "embedding_dim": (32, ["--embedding-dim", "32"]),
 }
 
 

@@ -81,6 +81,8 @@ class SimConfig(msgspec.Struct, kw_only=True):
         "how long the 'hang' fault holds a request (default %(default)s)")] = 30.0
     api_key: Annotated[str | None, _doc(
         "require the API key held in this environment variable", flag="--api-key-env")] = None
+    embedding_dim: Annotated[Annotated[int, Meta(gt=0, le=8192)], _doc(
+        "length of the vectors /v1/embeddings answers with (a request's 'dimensions' wins; default %(default)s)")] = 8
 
     def __post_init__(self) -> None:
         for name in _FIELDS:
