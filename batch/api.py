@@ -56,6 +56,10 @@ OPTIONS = {
     "max_attempts": "retry.max_attempts",
     "api_key_env": "api.api_key_env",
     "allow_insecure_http": "api.allow_insecure_http",
+    "input_format": "input.format",
+    "output_format": "output.format",
+    "error_file": "output.error_file",
+    "embed_batch": "input.embed_batch",
 }
 
 

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq  # type: ignore[import-untyped,unused-ignore]
 
 from batch._startup import compute
 
-__all__ = ["hashes_repeat", "is_text", "read_parquet_columns"]
+__all__ = ["array_of", "hashes_repeat", "is_text", "nulls_of", "read_parquet_columns"]
 
 # up to this many values, plain Python does what pyarrow.compute would, and a
 # small job never loads pyarrow.compute (see batch._startup.compute)
@@ -51,3 +51,29 @@ def hashes_repeat(hashes: array[int]) -> bool:
 def is_text(t: pa.DataType) -> bool:
     """Whether an Arrow type holds strings (plain, large or view)."""
     return bool(pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t))
+
+
+def _without_dictionaries(t: pa.DataType) -> pa.DataType:
+    if pa.types.is_dictionary(t):
+        return t.value_type
+    if pa.types.is_struct(t):
+        return pa.struct([f.with_type(_without_dictionaries(f.type)) for f in t])
+    if pa.types.is_list(t):
+        return pa.list_(t.value_field.with_type(_without_dictionaries(t.value_type)))
+    return t
+
+
+def array_of(values: list[object], t: pa.DataType) -> pa.Array:
+    """``pa.array(values, t)``, also where ``t`` nests dictionaries: built from Python, a dictionary
+    inside a null struct gets an index into an empty dictionary (invalid), so those are built as
+    their values' type and cast (which encodes them properly)."""
+    plain = _without_dictionaries(t)
+    if plain == t:
+        return pa.array(values, t)
+    return pa.array(values, plain).cast(t)
+
+
+def nulls_of(count: int, t: pa.DataType) -> pa.Array:
+    """``pa.nulls(count, t)``, also where ``t`` nests dictionaries (see :func:`array_of`)."""
+    plain = _without_dictionaries(t)
+    return pa.nulls(count, t) if plain == t else pa.nulls(count, plain).cast(t)

@@ -26,17 +26,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import anyio
+import orjson
 
 from batch.errors import UsageError
 from batch.pricing import Price, PriceTable
 from batch.store.history import earlier_rows
+from batch.tokens import answer_tokens
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
     from batch.spec import JobSpec
 
-__all__ = ["Hold", "Ledger", "Pool", "job_prices", "open_ledger", "spent_before", "worst_case"]
+__all__ = ["Hold", "Ledger", "Pool", "job_prices", "open_ledger", "spent_before", "uncosted_before", "worst_case"]
 
 log = logging.getLogger(__name__)
 
@@ -219,15 +221,50 @@ def spent_before(history: pa.Table, variants: list[str]) -> dict[str, float]:
     return spent
 
 
+def uncosted_before(history: pa.Table, spec: JobSpec, prices: Mapping[str, Price | None]) -> tuple[dict[str, float], int]:
+    """The earlier ok rows with no cost in the output, at their worst case, per variant, and how many.
+
+    A row without usage counts at its answer's ceiling (``max_tokens * n`` at the output price,
+    from the row's ``params`` in a sweep, else its variant's or the job's); its prompt is not
+    counted, as the output does not keep it. A row with usage but no price then is priced now.
+    """
+    variants = {v.name: v for v in spec.variants()}
+    first = next(iter(variants))
+    worst: dict[str, float] = {}
+    rows = 0
+    cols = [history[c].to_pylist() for c in ("variant", "status", "cost_usd", "params", "prompt_tokens",
+                                             "completion_tokens")]
+    for name, status, cost, params, prompt, completion in zip(*cols, strict=True):
+        if status != "ok" or cost is not None:
+            continue
+        name = name if name in variants else first
+        price = prices.get(name)
+        if price is None:
+            continue
+        if prompt is None:  # no usage: the answer may have taken every token it was allowed
+            asked = orjson.loads(params) if params else variants[name].params
+            usd = worst_case(price, 0, answer_tokens(asked))
+        else:
+            usd = (prompt * price.input + (completion or 0) * price.output) / 1_000_000
+        worst[name] = worst.get(name, 0.0) + usd
+        rows += 1
+    return worst, rows
+
+
 def open_ledger(spec: JobSpec, output: Path) -> Ledger:
     """The job's ledger, with what ``output`` already cost (read after ``--fresh`` discarded it)."""
     prices = job_prices(spec)
     Ledger.check(spec.limits.budget_usd, prices)
     history = earlier_rows(output)
     before = spent_before(history, list(prices)) if history.num_rows else None
-    unknown = sum(1 for s, c in zip(history["status"].to_pylist(), history["cost_usd"].to_pylist(), strict=True)
-                  if s == "ok" and c is None) if spec.limits.budget_usd is not None else 0
-    if unknown:
-        log.warning("%s rows already in the output have no known cost (no usage): the budget counts only "
-                    "the cost it knows", f"{unknown:,}")
-    return Ledger(spec.limits.budget_usd, prices, per_variant=spec.limits.budget_per_variant, spent_before=before)
+    worst, rows = uncosted_before(history, spec, prices) if history.num_rows else ({}, 0)
+    if before is not None:
+        for name, usd in worst.items():
+            before[name] += usd
+    ledger = Ledger(spec.limits.budget_usd, prices, per_variant=spec.limits.budget_per_variant, spent_before=before)
+    if rows and spec.limits.budget_usd is not None:
+        log.warning("%s rows already in the output have no known cost (no usage): the budget counts them at "
+                    "their answer's ceiling, $%.6f in all", f"{rows:,}", math.fsum(worst.values()))
+    ledger.rows_without_usage = rows
+    ledger.without_usage_usd = math.fsum(worst.values())
+    return ledger

@@ -100,10 +100,20 @@ def _add_run_parser(sub: Any, name: str = "run") -> None:
     p = sub.add_parser(name, **_RUN_HELP[name])
     p.add_argument("job", nargs="?", help="the job file (TOML), e.g. jobs/sample.toml")
     p.add_argument("--input", metavar="PATH", help="prompts: a .parquet or .jsonl file")
-    p.add_argument("--output", metavar="PATH", help="results: a .parquet file ({date} or {ds}, and {job} are filled in)")
+    p.add_argument("--output", metavar="PATH", help="results: a .parquet file ({date} or {ds}, and {job} are filled in), "
+                   "or a .jsonl with --output-format openai_batch")
     p.add_argument("--base-url", metavar="URL", help="the API's base URL, e.g. https://api.atoma.network/v1, or 'simulator'")
     p.add_argument("--model", help="the model to ask")
-    p.add_argument("--endpoint", choices=["chat", "completions"], help="chat (/chat/completions) or completions (/completions)")
+    p.add_argument("--endpoint", choices=["chat", "completions", "embeddings"],
+                   help="chat (/chat/completions), completions (/completions) or embeddings (/embeddings)")
+    p.add_argument("--input-format", choices=["auto", "parquet", "jsonl", "openai_batch"],
+                   help="the input's format (default auto: an OpenAI batch file is recognised by its first line)")
+    p.add_argument("--output-format", choices=["parquet", "openai_batch"],
+                   help="openai_batch: write OpenAI's batch output format to an --output ending in .jsonl "
+                        "(the Parquet output is kept beside it)")
+    p.add_argument("--error-file", metavar="PATH",
+                   help="with --output-format openai_batch: failed lines go to this .jsonl, as OpenAI's error file")
+    p.add_argument("--embed-batch", type=int, metavar="N", help="embeddings: rows sent in one request (default 64)")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None, help="stream the answers (SSE)")
     p.add_argument("--max-tokens", type=int, metavar="N", help="max_tokens sent with every request")
     p.add_argument("--concurrency", type=int, metavar="N", help="requests in flight at once")
@@ -160,6 +170,10 @@ _OVERRIDES = {
     "max_attempts": "retry.max_attempts",
     "api_key_env": "api.api_key_env",
     "allow_insecure_http": "api.allow_insecure_http",
+    "input_format": "input.format",
+    "output_format": "output.format",
+    "error_file": "output.error_file",
+    "embed_batch": "input.embed_batch",
     "budget_usd": "limits.budget_usd",
     "budget_per_variant": "limits.budget_per_variant",
 }

@@ -1,11 +1,15 @@
 """The client stage: send one request, parse the answer, or raise a named error.
 
-``Client.complete(body)`` posts one body to ``{base_url}/chat/completions`` or
-``{base_url}/completions`` and returns a ``Reply``. The wire quirks it absorbs
-(see DESIGN.md, "The wire") live in the pure parsers of ``batch.wire``
-(``parse_completion`` for JSON bodies, ``StreamAssembler`` for SSE streams), so
-they can be tested and fuzzed without a network; this module is the HTTP side,
-over the stack in ``batch.network``.
+``Client.complete(body)`` posts one body to ``{base_url}/chat/completions``,
+``{base_url}/completions`` or ``{base_url}/embeddings`` (the client's endpoint,
+or the one a batch file's line names) and returns a ``Reply``. The wire quirks it
+absorbs (see DESIGN.md, "The wire") live in the pure parsers of ``batch.wire``
+(``parse_completion`` for JSON bodies, ``StreamAssembler`` for SSE streams) and
+``batch.wire_embed`` (an embeddings answer's vectors, base64 decoded, and its
+usage), so they can be tested and fuzzed without a network; this module is the
+HTTP side, over the stack in ``batch.network``. Embeddings are never streamed.
+With ``keep_body`` the answer's raw JSON is kept on the ``Reply`` (an OpenAI
+batch output line holds it as the server sent it).
 
 Every failure is one of three errors from ``batch.errors``:
 
@@ -41,13 +45,14 @@ from batch.errors import APIConnectionError, APIStatusError, RequestError, Respo
 from batch.network import CertificateError, Transport, proxy_for
 from batch.records import Completion
 from batch.wire import StreamAssembler, clip, error_text, parse_completion
+from batch.wire_embed import parse_embeddings
 
 _log = logging.getLogger(__name__)
 
 __all__ = ["CERTIFICATE_ERROR", "Client", "Reply", "Timeouts"]
 
 CERTIFICATE_ERROR: Final = "certificate_verify_failed"  # the code of a TLS failure: the job stops
-_PATHS: Final = {"chat": "/chat/completions", "completions": "/completions"}
+_PATHS: Final = {"chat": "/chat/completions", "completions": "/completions", "embeddings": "/embeddings"}
 _ERROR_BODY_BYTES: Final = 64 * 1024  # enough of an error body to find its message
 
 
@@ -65,12 +70,14 @@ _DEFAULT_TIMEOUTS: Final = Timeouts()
 
 
 class Reply(msgspec.Struct, frozen=True, gc=False):
-    """A successful answer. ``headers`` are the response's (case-insensitive), for the limiter."""
+    """A successful answer. ``headers`` are the response's (case-insensitive), for the limiter;
+    ``body`` the JSON body as the server sent it, when the client keeps bodies."""
 
     completion: Completion
     http_status: int
     headers: Mapping[str, str]
     latency_s: float
+    body: bytes | None = None
 
 
 class _CappedResponse:
@@ -120,9 +127,10 @@ class Client:
         transport: httpx.AsyncBaseTransport | None = None,
         clock: Callable[[], float] = time.perf_counter,
         max_body_bytes: int = 32 * 2**20,
+        keep_body: bool = False,
     ) -> None:
         if endpoint not in _PATHS:
-            raise ValueError(f"unknown endpoint {endpoint!r}; expected 'chat' or 'completions'")
+            raise ValueError(f"unknown endpoint {endpoint!r}; expected 'chat', 'completions' or 'embeddings'")
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         self._endpoint = endpoint
@@ -131,7 +139,9 @@ class Client:
         self._total = timeouts.total
         self._clock = clock
         self._max_body = max_body_bytes
-        self._url = httpx.URL(base_url.rstrip("/") + _PATHS[endpoint])
+        self._keep_body = keep_body
+        self._urls = {name: httpx.URL(base_url.rstrip("/") + path) for name, path in _PATHS.items()}
+        self._url = self._urls[endpoint]
         # Built once: every request differs only in its Content-Length. Host, Accept-Encoding
         # (what aiohttp can inflate) and keep-alive are the engine's to set.
         headers = [
@@ -171,11 +181,13 @@ class Client:
     async def aclose(self) -> None:
         await self._transport.aclose()
 
-    async def complete(self, body: dict[str, Any], n: int = 1) -> Reply:
-        """Send one request body; return the parsed answer or raise a ``RequestError``.
+    async def complete(self, body: dict[str, Any], endpoint: str | None = None, n: int = 1) -> Reply:
+        """Send one request body (to ``endpoint``, else the client's); return the parsed answer
+        or raise a ``RequestError``. An embeddings answer's vectors are in ``completion.vectors``.
 
         ``n`` > 1: the body asks for ``n`` choices, and the answer keeps them all."""
-        if self._stream:
+        endpoint = endpoint or self._endpoint
+        if self._stream and endpoint != "embeddings":
             if "stream_options" in body:
                 options = body["stream_options"]
                 options = {**options, "include_usage": True} if isinstance(options, dict) else options
@@ -193,9 +205,9 @@ class Client:
                 # asyncio's own timeout costs half of anyio's cancel scope; same TimeoutError,
                 # and an enclosing anyio cancel scope still wins when both fire.
                 async with asyncio.timeout(self._total):
-                    return await self._send(content, started, n)
+                    return await self._send(content, started, endpoint, n)
             with anyio.fail_after(self._total):
-                return await self._send(content, started, n)
+                return await self._send(content, started, endpoint, n)
         except TimeoutError:
             raise self._redact(
                 APIConnectionError(f"no complete answer within {self._total:g}s (total timeout)")
@@ -219,12 +231,13 @@ class Client:
         except RequestError as exc:
             raise self._redact(exc) from None
 
-    async def _send(self, content: bytes, started: float, n: int = 1) -> Reply:
+    async def _send(self, content: bytes, started: float, endpoint: str, n: int = 1) -> Reply:
         # What httpx.AsyncClient.stream() does, minus its per-request work (header merging,
         # auth and redirect flows, cookies): straight to the transport, which never redirects.
+        url = self._urls[endpoint]
         request = httpx.Request(
             "POST",
-            self._url,
+            url,
             headers=httpx.Headers([*self._headers, (b"Content-Length", b"%d" % len(content))]),
             content=content,
             extensions=self._extensions,
@@ -235,24 +248,26 @@ class Client:
             status = response.status_code
             if _log.isEnabledFor(logging.DEBUG):
                 # the URL and status only: headers carry the key
-                _log.debug("POST %s: HTTP %d after %.3f s", self._url, status, self._clock() - started)
+                _log.debug("POST %s: HTTP %d after %.3f s", url, status, self._clock() - started)
             if not 200 <= status < 300:
                 raise await self._status_error(response)
-            if self._stream and "json" not in response.headers.get("content-type", ""):
-                completion = await self._read_stream(response, started, n)
+            raw: bytes | None = None
+            if self._stream and endpoint != "embeddings" and "json" not in response.headers.get("content-type", ""):
+                completion = await self._read_stream(response, started, endpoint, n)
             else:
                 # A non-stream request, or a server that ignored "stream": a JSON body.
-                completion = parse_completion(await self._read_body(response), self._endpoint, n)
+                raw = await self._read_body(response)
+                completion = parse_embeddings(raw) if endpoint == "embeddings" else parse_completion(raw, endpoint, n)
         finally:
             await response.aclose()
-        return Reply(completion, status, response.headers, self._clock() - started)
+        return Reply(completion, status, response.headers, self._clock() - started, raw if self._keep_body else None)
 
     async def _read_body(self, response: httpx.Response) -> bytes:
         chunks = [chunk async for chunk in _decoded_chunks(response, self._max_body, "response body")]
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
-    async def _read_stream(self, response: httpx.Response, started: float, n: int = 1) -> Completion:
-        assembler = StreamAssembler(self._endpoint, clock=self._clock, started=started, n=n)
+    async def _read_stream(self, response: httpx.Response, started: float, endpoint: str, n: int = 1) -> Completion:
+        assembler = StreamAssembler(endpoint, clock=self._clock, started=started, n=n)
         source = EventSource(cast(httpx.Response, _CappedResponse(response, self._max_body)))
         try:
             async for event in source.aiter_sse():

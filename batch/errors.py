@@ -19,8 +19,10 @@
         ├── APIConnectionError      connect error, timeout, connection dropped
         └── ResponseError           2xx but the body is unparseable, of the wrong
             │                       shape, or the stream was cut off
-            └── BadValueError       2xx whose value cannot be stored (a token count
-                                    beyond range): the row fails, ``code = "bad_response"``
+            ├── BadValueError       2xx whose value cannot be stored (a token count
+            │                       beyond range): the row fails, ``code = "bad_response"``
+            └── InvalidOutputError  2xx whose answer is not JSON or breaks the job's schema:
+                                    asked again, ``code = "invalid_output"``
 
 Whether a ``RequestError`` is retried, ends the row, or stops the job is decided
 in one place, ``batch.retry``, from the outcome table in the design.
@@ -49,6 +51,7 @@ __all__ = [
     "DiskError",
     "InputChanged",
     "InputError",
+    "InvalidOutputError",
     "JobFileError",
     "JobStopped",
     "OutputBusy",
@@ -235,3 +238,21 @@ class BadValueError(ResponseError):
     def __init__(self, message: str, **kw: object) -> None:
         kw.setdefault("code", "bad_response")
         super().__init__(message, **kw)  # type: ignore[arg-type]
+
+
+class InvalidOutputError(ResponseError):
+    """A 2xx answer that is not JSON or does not follow the job's schema (``[output] schema``).
+
+    Retried with the same request up to ``output.parse_attempts`` times; ``final`` is set on
+    the one past them, which fails the row. ``pointer`` says where the answer breaks the
+    schema, ``raw`` is the answer's text, ``reply`` the paid answer it came in.
+    """
+
+    def __init__(self, message: str, *, pointer: str, raw: str | None, reply: object, final: bool,
+                 kind: str = "breaks the schema") -> None:
+        super().__init__(message, code="invalid_output")
+        self.pointer = pointer
+        self.kind = kind  # "no text", "not JSON" or "breaks the schema": re-asks are logged once per kind
+        self.raw = raw
+        self.reply = reply
+        self.final = final

@@ -15,16 +15,17 @@ so sample 0 done with the same body means every sample is.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import msgspec
 import orjson
 
-from batch.prompts import Done, RequestBuilder
+from batch.prompts import Done, RequestBuilder, output_format
 from batch.records import Request, Row
 from batch.spec import JobSpec
 from batch.store import sweep_key
+from batch.structured import OutputFormat
 from batch.variants import Target, Variant, sample_seed
 
 __all__ = ["Fanout"]
@@ -33,8 +34,11 @@ __all__ = ["Fanout"]
 class Fanout:
     """Builds every request of a row, for every variant and sample, in a fixed order."""
 
-    def __init__(self, spec: JobSpec, variants: tuple[Variant, ...] | None = None) -> None:
+    def __init__(self, spec: JobSpec, variants: tuple[Variant, ...] | None = None,
+                 fmt: OutputFormat | None = None) -> None:
         self.spec = spec
+        #: structured output: one schema for every variant, sent its endpoint's way (None: plain text)
+        self.format = fmt if fmt is not None else output_format(spec)
         self.variants = variants if variants is not None else spec.variants()
         self.sweep = spec.is_sweep
         self.samples = spec.samples
@@ -42,7 +46,7 @@ class Fanout:
         self.choices = self.samples if self.sweep and spec.sweep is not None and spec.sweep.sample_mode == "n" else 1
         self.targets: list[Target] = list(dict.fromkeys(v.target for v in self.variants))
         lane_of = {t: i for i, t in enumerate(self.targets)}
-        self._arms = [(v, lane_of[v.target], RequestBuilder(spec, v), "seed" in v.params,
+        self._arms = [(v, lane_of[v.target], RequestBuilder(spec, v, self.format), "seed" in v.params,
                        orjson.dumps(v.params_doc()).decode()) for v in self.variants]
         self.params_json = {v.name: arm[4] for v, arm in zip(self.variants, self._arms, strict=True)}
         self.model_of = {v.name: v.model for v in self.variants}
@@ -57,26 +61,35 @@ class Fanout:
         """The requests ``row`` still needs, and how many an earlier run finished."""
         out: list[Request] = []
         skipped = 0
+        for _, request in self.each(row, done):
+            if request is None:
+                skipped += self.choices  # a request asked with n: its every sample was done
+            else:
+                out.append(request)
+        return out, skipped
+
+    def resume_key(self, row_id: str, variant: str, sample: int) -> str:
+        """What the resume index knows a request by (with its fingerprint): the id, or (id, variant, sample)."""
+        return sweep_key(row_id, variant, sample) if self.sweep else row_id
+
+    def each(self, row: Row, done: Done | None) -> Iterator[tuple[Variant, Request | None]]:
+        """Every request of ``row`` in sending order, with its variant, or None when an earlier run
+        finished it (``promptmill plan`` counts both, per variant). With ``sample_mode = "n"`` one
+        request a (row, variant), sample 0's, asks ``n`` = samples choices (its ``choices``)."""
         for sample in range(self.samples // self.choices):
             for variant, lane, builder, seeded, _ in self._arms:
                 extra: Mapping[str, Any] | None = None
-                key = row.id
-                if self.sweep:
-                    key = sweep_key(row.id, variant.name, sample)
-                    if not seeded:
-                        extra = {"seed": sample_seed(row.id, sample)}
-                    if self.choices > 1:
-                        extra = {**(extra or {}), "n": self.choices}
-                if done:
-                    request = builder.build_unless_done(row, done, key, extra)
-                else:
-                    request = builder.build_unless_done(row, _NOTHING, key, extra)
+                key = self.resume_key(row.id, variant.name, sample)
+                if self.sweep and not seeded:
+                    extra = {"seed": sample_seed(row.id, sample)}
+                if self.choices > 1:
+                    extra = {**(extra or {}), "n": self.choices}
+                request = builder.build_unless_done(row, done or _NOTHING, key, extra)
                 if request is None:
-                    skipped += self.choices
-                    continue
-                out.append(msgspec.structs.replace(request, variant=variant.name, sample=sample, lane=lane,
-                                                   choices=self.choices))
-        return out, skipped
+                    yield variant, None
+                else:
+                    yield variant, msgspec.structs.replace(request, variant=variant.name, sample=sample, lane=lane,
+                                                           choices=self.choices)
 
 
 class _Nothing:

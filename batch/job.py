@@ -21,6 +21,7 @@ import msgspec
 from anyio.streams.memory import MemoryObjectSendStream
 
 from batch.budget import Ledger
+from batch.embed_group import EmbedGroups
 from batch.errors import InputChanged, InputError, JobStopped, PromptmillError, RequestError
 from batch.fanout import Fanout
 from batch.progress import Progress
@@ -29,6 +30,7 @@ from batch.scores import Scorer
 from batch.sources import Source
 from batch.spec import JobSpec
 from batch.store import OutputStore
+from batch.structured import OutputFormat
 from batch.summary import Summary
 
 if TYPE_CHECKING:
@@ -48,7 +50,7 @@ class Job:
 
     def __init__(self, spec: JobSpec, opts: RunOptions, store: OutputStore, summary: Summary,
                  progress: Progress, secret: str | None = None, input_seen: os.stat_result | None = None,
-                 money: Ledger | None = None) -> None:
+                 money: Ledger | None = None, fmt: OutputFormat | None = None) -> None:
         self.spec = spec
         self.money = money or Ledger(None, {spec.request.model: None})  # spent, reserved and the budget
         # the API key: redacted from every text a server sent before it is stored or counted
@@ -60,7 +62,7 @@ class Job:
         self.progress = progress
         self.model = spec.request.model
         self.endpoint = spec.api.endpoint
-        self.fanout = Fanout(spec)
+        self.fanout = Fanout(spec, fmt=fmt)
         self.scorer = Scorer(spec.scores) if spec.scores else None
         # lanes (targets) stopped by a fatal answer, while the others go on
         self.lane_fatal: dict[int, RequestError] = {}
@@ -95,7 +97,9 @@ class Job:
         if result.variant is not None:
             changes["params"] = self.fanout.params_json.get(result.variant)
         if self.scorer is not None:
-            changes["passthrough"] = {**result.passthrough, **self.scorer.score(result.text, result.passthrough)}
+            # a score may read the parsed answer (``field = "parsed.answer"``) as well as the input's columns
+            row = result.passthrough if result.columns is None else {**result.passthrough, **result.columns}
+            changes["passthrough"] = {**result.passthrough, **self.scorer.score(result.text, row)}
         result = msgspec.structs.replace(result, **changes)
         self.store.add(result)
         self.summary.add(result)
@@ -201,9 +205,17 @@ class Job:
         fanout = self.fanout
         index = self.index
         handed = 0
+        embeds = {name for name, endpoint in fanout.endpoint_of.items() if endpoint == "embeddings"}
+        groups = (EmbedGroups(self.spec.input.embed_batch, self.spec.input.embed_max_tokens)
+                  if embeds and self.spec.input.embed_batch > 1
+                  # an openai_batch output line holds its own request's body: one row a request
+                  and self.spec.output.format != "openai_batch" else None)
         while not self.stopping:
             batch = await anyio.to_thread.run_sync(self._next_batch, batches)
             if batch is None:
+                for last in groups.flush() if groups is not None else ():
+                    if not self.stopping and last.lane not in self.lane_fatal:
+                        await sends[last.lane].send(last)
                 return
             skipped = 0
             for row in batch:
@@ -215,6 +227,11 @@ class Job:
                 for request in requests:
                     if request.lane in self.lane_fatal:
                         continue
+                    if groups is not None and not request.endpoint and request.variant in embeds:
+                        grouped = groups.add(request)
+                        if grouped is None:
+                            continue
+                        request = grouped
                     send = sends[request.lane]
                     # Usually there is room: hand it over without a trip through the event
                     # loop (``send`` always yields once), but let the workers in every so often.
@@ -291,7 +308,8 @@ class Job:
             self.flushed = anyio.Event()
 
 
-_SERVER_TEXT = ("text", "finish_reason", "error_code", "error", "response_id", "system_fingerprint")
+_SERVER_TEXT = ("text", "finish_reason", "error_code", "error", "response_id", "system_fingerprint",
+                "response_body", "request_id")
 
 
 def _redacted(result: Result, secret: str) -> Result:

@@ -16,20 +16,25 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import msgspec
 import pyarrow as pa
 
 from batch.budget import job_prices, spent_before, worst_case
 from batch.errors import OutputError
+from batch.fanout import Fanout
 from batch.pricing import Price
-from batch.prompts import RequestBuilder
-from batch.records import Request, Row
+from batch.records import Row
 from batch.sources import open_source
-from batch.spec import JobSpec, RequestSpec
-from batch.store import check_not_input, check_output_ours, load_index, read_job_identity
+from batch.spec import JobSpec
+from batch.store import (
+    PLAIN_KEY,
+    SWEEP_KEY,
+    check_not_input,
+    check_output_ours,
+    load_index,
+    read_job_identity,
+)
 from batch.store.history import earlier_rows, empty_history
 from batch.tokens import answer_tokens
-from batch.variants import Variant
 
 __all__ = ["ASSUMED_LATENCY_S", "Plan", "TargetPlan", "VariantPlan", "make_plan"]
 
@@ -108,23 +113,6 @@ class Plan:
         return sorted({v.model for v in self.variants if v.price is None})
 
 
-def _builders(spec: JobSpec) -> list[tuple[Variant, RequestBuilder]]:
-    """One request builder a variant: its model, parameters and prompt settings."""
-    variants = spec.variants()
-    if len(variants) == 1:
-        return [(variants[0], RequestBuilder(spec))]
-    out = []
-    for v in variants:
-        params = dict(v.params)
-        request = RequestSpec(model=v.model, max_tokens=params.pop("max_tokens", spec.request.max_tokens),
-                              extra=params)
-        inp = msgspec.structs.replace(spec.input, system_prompt=v.system_prompt,
-                                      prompt_template=v.prompt_template or spec.input.prompt_template)
-        api = msgspec.structs.replace(spec.api, endpoint=v.target.endpoint)
-        out.append((v, RequestBuilder(msgspec.structs.replace(spec, request=request, input=inp, api=api))))
-    return out
-
-
 def _calibration(history: pa.Table) -> dict[tuple[str, str], int]:
     """Real prompt tokens of the earlier ok rows with usage, by (id, request fingerprint)."""
     real: dict[tuple[str, str], int] = {}
@@ -152,37 +140,37 @@ def make_plan(spec: JobSpec, output: Path, *, fresh: bool = False, retry_failed:
         if previous is not None and previous.get("job") != spec.name:
             raise OutputError(f"this output was written by another job ({previous.get('job')!r}); a run would "
                               "refuse it: choose another output, or plan with --fresh", path=output)
-    index = load_index(output, include_failed=not retry_failed) if not fresh else None
-    builders = _builders(spec)
+    key = SWEEP_KEY if spec.is_sweep else PLAIN_KEY
+    index = load_index(output, include_failed=not retry_failed, key=key) if not fresh else None
+    fanout = Fanout(spec)  # the run's own request builder: each variant's body, a seed per sample
     prices = job_prices(spec)
-    names = [v.name for v, _ in builders]
+    names = [v.name for v in fanout.variants]
     before = spent_before(history, names) if len(history) else dict.fromkeys(names, 0.0)
     plans = {v.name: VariantPlan(v.name, v.model, v.target.name, prices[v.name], spent_before=before[v.name])
-             for v, _ in builders}
+             for v in fanout.variants}
     real = _calibration(history)
     est_sum: dict[str, int] = {}
     real_sum: dict[str, int] = {}
     matched = 0
     bad = 0
-    samples = spec.samples
     for row in _rows(spec):
         if row.error is not None:
             bad += 1
             continue
-        for v, builder in builders:
-            request: Request = builder.build(row)
+        for v, request in fanout.each(row, None):
+            assert request is not None  # nothing is done without an index
             vp = plans[v.name]
-            key = (row.id, request.fingerprint)
-            if key in real:
+            got = real.get((row.id, request.fingerprint))
+            if got is not None:
                 matched += 1
                 est_sum[v.model] = est_sum.get(v.model, 0) + request.est_prompt_tokens
-                real_sum[v.model] = real_sum.get(v.model, 0) + real[key]
-            if index is not None and samples == 1 and key in index:
-                vp.rows_done += 1
+                real_sum[v.model] = real_sum.get(v.model, 0) + got
+            if index is not None and (fanout.resume_key(row.id, v.name, request.sample), request.fingerprint) in index:
+                vp.rows_done += 1  # the resume index holds its key and fingerprint: a run skips it
                 continue
-            vp.rows_to_send += samples
-            vp.prompt_tokens_raw += request.est_prompt_tokens * samples
-            vp.output_ceiling += answer_tokens(request.body) * samples
+            vp.rows_to_send += 1
+            vp.prompt_tokens_raw += request.est_prompt_tokens
+            vp.output_ceiling += answer_tokens(request.body)
     _expected(plans, history, est_sum, real_sum)
     plan = Plan(spec.name, str(output), list(plans.values()), bad_rows=bad, calibrated_rows=matched,
                 budget_usd=spec.limits.budget_usd, budget_per_variant=spec.limits.budget_per_variant)

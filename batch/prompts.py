@@ -8,11 +8,22 @@ completions: ``prompt`` is the system prompt and a blank line (if any) followed
 by the prompt text. (A messages column with the completions endpoint is refused
 when the job is loaded.)
 
+embeddings: ``input`` is the prompt text; ``max_tokens`` is not sent (an
+embedding has no answer tokens). Rows are sent several to a request
+(``batch.embed_group``).
+
+A line of an OpenAI batch file (``Row.body``) is sent as given: its ``model``
+and parameters win; the job's ``model`` and ``[request]`` values fill only what
+it leaves out (only ``model`` for an embeddings line), so ``max_tokens`` is
+always sent to chat and completions unless the line sets it (or
+``max_completion_tokens``).
+
 The body keeps a fixed order: ``model``, ``messages``/``prompt``,
 ``max_tokens``, then ``temperature``, ``top_p``, ``stop``, ``seed``, ``n`` when
 set, then the job's extra body fields. ``Request.fingerprint`` is a short hash
 of the endpoint and the body, so a changed prompt or parameter shows up as a
-changed fingerprint.
+changed fingerprint. A job's schema is in the body (``response_format`` or
+``guided_json``), or, with ``send_schema = false``, hashed with it.
 
 ``Request.est_prompt_tokens`` is a rough count for rate limiting, no tokenizer:
 characters of text / 4 plus 4 per message (``batch.tokens``, the one estimator).
@@ -30,12 +41,22 @@ import orjson
 from batch.errors import InputError
 from batch.records import Request, Row
 from batch.spec import JobSpec
-from batch.tokens import messages_tokens, tokens_for
+from batch.structured import OutputFormat
+from batch.tokens import messages_tokens, prompt_tokens, tokens_for
 from batch.variants import Variant
 
-__all__ = ["RequestBuilder"]
+__all__ = ["RequestBuilder", "output_format"]
 
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
+
+
+def output_format(spec: JobSpec) -> OutputFormat | None:
+    """The job's structured output (``[output] schema``, read at load), or None: one for all its variants."""
+    out = spec.output
+    if out.schema is None:
+        return None
+    return OutputFormat(out.schema, name=spec.name, send=out.send_schema, strict=out.strict,
+                        flatten=out.flatten, parse_attempts=out.parse_attempts)
 
 
 class Done(Protocol):
@@ -47,12 +68,22 @@ class Done(Protocol):
 class RequestBuilder:
     """Builds one :class:`~batch.records.Request` per row; cheap enough for every row."""
 
-    def __init__(self, spec: JobSpec, variant: Variant | None = None) -> None:
+    def __init__(self, spec: JobSpec, variant: Variant | None = None,
+                 fmt: OutputFormat | None = None) -> None:
         self.spec = spec
         self.endpoint = spec.api.endpoint if variant is None else variant.target.endpoint
         self.chat = self.endpoint == "chat"
+        self.embed = self.endpoint == "embeddings"
         self.model = spec.request.model if variant is None else variant.model
-        self.params = spec.request.params() if variant is None else variant.params
+        #: the job's structured output (``[output] schema``), or None; every variant sends it its endpoint's way
+        self.format = fmt if fmt is not None else output_format(spec)
+        self.params = dict(spec.request.params() if variant is None else variant.params)
+        if self.format is not None:
+            self.params.update(self.format.body_fields(self.endpoint))
+        # a schema not sent is not in the body: it joins the fingerprint itself, so a new one redoes the rows
+        self._salt = b"," + self.format.fingerprint_salt() if self.format and not self.format.send else b""
+        # an embeddings request (never with a schema: refused at load) takes no max_tokens
+        self.embed_params = {k: v for k, v in self.params.items() if k != "max_tokens"}
         self.system_prompt = spec.input.system_prompt if variant is None else variant.system_prompt
         self.template = spec.input.prompt_template if variant is None else variant.prompt_template
         self.passthrough = spec.input.passthrough
@@ -81,7 +112,7 @@ class RequestBuilder:
     def build(self, row: Row) -> Request:
         """The request for ``row`` (not for an error row: see ``Row.error``)."""
         body, est, digest = self._body(row)
-        return Request(row.index, row.id, body, self._passthrough(row), est, digest)
+        return Request(row.index, row.id, body, self._passthrough(row), est, digest, row.endpoint or "")
 
     def build_unless_done(self, row: Row, done: Done, key: str | None = None,
                           extra: Mapping[str, Any] | None = None) -> Request | None:
@@ -93,7 +124,7 @@ class RequestBuilder:
         body, est, digest = self._body(row, extra)
         if (row.id if key is None else key, digest) in done:
             return None
-        return Request(row.index, row.id, body, self._passthrough(row), est, digest)
+        return Request(row.index, row.id, body, self._passthrough(row), est, digest, row.endpoint or "")
 
     def _passthrough(self, row: Row) -> Mapping[str, Any]:
         if not self.passthrough:
@@ -101,8 +132,25 @@ class RequestBuilder:
         values = row.values
         return {name: values.get(name) for name in self.passthrough}
 
+    def _line_body(self, body: dict[str, Any], endpoint: str) -> tuple[dict[str, Any], int, str]:
+        """A batch file line's body as given, its gaps filled from the job (see the module docstring)."""
+        sent = {"model": self.model, **body} if "model" not in body else dict(body)
+        if endpoint != "embeddings":
+            for name, value in self.params.items():
+                if name not in sent and not (name == "max_tokens" and "max_completion_tokens" in sent):
+                    sent[name] = value
+        return sent, prompt_tokens(sent), _digest(orjson.dumps(endpoint), sent)
+
     def _body(self, row: Row, extra: Mapping[str, Any] | None = None) -> tuple[dict[str, Any], int, str]:
+        if row.body is not None:
+            # a batch file job is a plain job (a sweep over one is refused at load): no extra fields
+            return self._line_body(row.body, row.endpoint or self.endpoint)
         body: dict[str, Any] = {"model": self.model}
+        if self.embed:
+            text = self.prompt_text(row)
+            body["input"] = text
+            body.update(self.embed_params)  # no sample seed either: an embedding is not sampled
+            return body, tokens_for(len(text), 0), _digest(self._endpoint_json, body)
         if self.chat:
             if row.messages is not None:
                 messages = row.messages
@@ -116,7 +164,7 @@ class RequestBuilder:
         else:
             if row.messages is not None:
                 raise InputError(
-                    "the completions endpoint takes a prompt, not messages", path=self.input_path, line=row.line
+                    f"the {self.endpoint} endpoint takes a prompt, not messages", path=self.input_path, line=row.line
                 )
             prompt = self._prefix + self.prompt_text(row)
             body["prompt"] = prompt
@@ -124,8 +172,11 @@ class RequestBuilder:
         body.update(self.params)
         if extra:
             body.update(extra)
-        digest = hashlib.blake2b(
-            b"[" + self._endpoint_json + b"," + orjson.dumps(body, option=orjson.OPT_SORT_KEYS) + b"]",
-            digest_size=16,
-        ).hexdigest()
-        return body, est, digest
+        return body, est, _digest(self._endpoint_json, body, self._salt)
+
+
+def _digest(endpoint_json: bytes, body: dict[str, Any], salt: bytes = b"") -> str:
+    """The request's fingerprint: a short hash of its endpoint and body (and ``salt``: a schema not sent)."""
+    return hashlib.blake2b(
+        b"[" + endpoint_json + b"," + orjson.dumps(body, option=orjson.OPT_SORT_KEYS) + salt + b"]", digest_size=16,
+    ).hexdigest()

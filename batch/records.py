@@ -45,7 +45,10 @@ class Choice(msgspec.Struct, frozen=True, gc=False):
 
 
 class Completion(msgspec.Struct, frozen=True, gc=False):
-    """A parsed successful answer (non-streamed body or an assembled stream)."""
+    """A parsed successful answer (non-streamed body or an assembled stream).
+
+    An embeddings answer has no text: ``vectors`` holds its vectors in input order.
+    """
 
     text: str | None  # None when the model refused (then ``refusal`` holds why)
     finish_reason: str | None
@@ -58,6 +61,7 @@ class Completion(msgspec.Struct, frozen=True, gc=False):
     refusal: str | None = None
     # choices 1 .. n-1 of a request asked with n (sample_mode = "n"; None: not sent), else empty
     more: tuple[Choice | None, ...] = ()
+    vectors: list[list[float]] | None = None
 
 
 class Row(msgspec.Struct, frozen=True, gc=False):
@@ -77,6 +81,9 @@ class Row(msgspec.Struct, frozen=True, gc=False):
     messages: list[dict[str, Any]] | None
     values: Mapping[str, Any]
     error: str | None = None
+    # a line of an OpenAI batch file: its body (sent as given) and its endpoint
+    body: dict[str, Any] | None = None
+    endpoint: str | None = None
 
 
 class Request(msgspec.Struct, frozen=True, gc=False):
@@ -88,6 +95,9 @@ class Request(msgspec.Struct, frozen=True, gc=False):
     passthrough: Mapping[str, Any]
     est_prompt_tokens: int
     fingerprint: str
+    endpoint: str = ""  # "" is the job's; a batch file's line names its own
+    # embeddings sent together: one request for these rows, its ``body["input"]`` their inputs in order
+    group: tuple[Request, ...] = ()
     variant: str | None = None  # the variant's name (batch.variants); None outside a run
     sample: int = 0
     lane: int = 0  # which target's workers send it
@@ -122,7 +132,14 @@ class Result(msgspec.Struct, frozen=True, gc=False):
     response_id: str | None = None
     created: datetime | None = None
     system_fingerprint: str | None = None
+    # written only when the job asks for them (see ``batch.store.schema.EXTRA_FIELDS``)
+    embedding: list[float] | None = None
+    response_body: str | None = None
+    request_id: str | None = None
     variant: str | None = None
     sample: int | None = None
     params: str | None = None  # the variant's parameters as JSON text
     finished_at: datetime | None = None  # when the row was stored (UTC)
+    # structured output only: the parsed answer's column values, and how many answers broke the schema
+    columns: Mapping[str, Any] | None = None
+    invalid_answers: int = 0

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from batch.errors import InputError, OutputError, UsageError
 from batch.stats import PairedDiff, mean_ci, paired_diff, percentile, wilson
 from batch.store.atomic import atomic_write
+from batch.structured import INVALID_COLUMN
 
 __all__ = ["ReportData", "Table", "Variant", "VariantSummary", "load", "render", "save", "summarize", "tables"]
 
@@ -32,7 +33,7 @@ _SCORE_PREFIX = "score_"
 # the columns a report reads (the answers' text is never loaded)
 _COLUMNS = (
     "id", "model", "status", "prompt_tokens", "completion_tokens", "cost_usd", "latency_s", "ttft_s",
-    "http_status", "error_code", "created", "variant", "sample", "params", "finished_at",
+    "http_status", "error_code", "created", "variant", "sample", "params", "finished_at", INVALID_COLUMN,
 )
 
 
@@ -153,6 +154,7 @@ class VariantSummary:
     scores: dict[str, ScoreStat]
     diffs: dict[str, PairedDiff]  # against the baseline (empty for the baseline itself)
     cost_ratio: float | None  # cost per row over the baseline's
+    invalid_rate: float | None = None  # structured output: the share of answers that broke the schema
 
 
 def _known(values: Iterable[Any]) -> list[float]:
@@ -196,6 +198,14 @@ def _cost_per_row(v: Variant) -> float | None:
     return sum(costs) / len(costs) if costs else None
 
 
+def _invalid_rate(v: Variant, rows_ok: int) -> float | None:
+    """Answers that broke the schema over all answers (each re-asked, and paid); None without a schema."""
+    if INVALID_COLUMN not in v.columns:
+        return None
+    invalid = sum(_known(v.columns[INVALID_COLUMN]))
+    return invalid / (invalid + rows_ok) if invalid + rows_ok else None
+
+
 def summarize(data: ReportData, resamples: int = 2000) -> list[VariantSummary]:
     """The summary table's numbers for each variant, in the report's order; ``resamples`` per bootstrap."""
     base = next(v for v in data.variants if v.name == data.baseline)
@@ -230,6 +240,7 @@ def summarize(data: ReportData, resamples: int = 2000) -> list[VariantSummary]:
             diffs={} if v is base else {s: paired_diff(base_ids[s], _per_id(v, s), resamples=resamples)
                                         for s in data.scores},
             cost_ratio=None if v is base or not base_cost or cost_per_row is None else cost_per_row / base_cost,
+            invalid_rate=_invalid_rate(v, rows_ok),
         ))
     return out
 
@@ -258,6 +269,10 @@ def _money(x: float | None) -> str:
     if x >= 1 or x <= 0:
         return f"${x:,.2f}"
     return f"${x:.{2 - math.floor(math.log10(x))}f}"  # three significant digits
+
+
+def _percent(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f}%"
 
 
 def _int(x: int | None) -> str:
@@ -308,15 +323,20 @@ def tables(data: ReportData, summaries: list[VariantSummary]) -> list[Table]:
                     [[v.name + (" (baseline)" if v.name == data.baseline else ""), _params_text(v.params)]
                      for v in data.variants], text_columns=2)]
     has_ttft = any(s.ttft_p50 is not None for s in summaries)
+    structured = any(s.invalid_rate is not None for s in summaries)
     headers = ["variant", "ok", "failed", "tokens in", "tokens out", "cost", "cost / 1k rows",
-               "latency p50 s", "latency p95 s", *(["TTFT p50 s"] if has_ttft else []), "output tok/s"]
+               "latency p50 s", "latency p95 s", *(["TTFT p50 s"] if has_ttft else []), "output tok/s",
+               *(["invalid output"] if structured else [])]
     rows = []
     for s in summaries:
         rows.append([s.name, f"{s.rows_ok:,}", f"{s.rows_failed:,}", _int(s.prompt_tokens), _int(s.completion_tokens),
                      _money(s.cost_usd), _money(s.cost_per_1k), _num(s.latency_p50), _num(s.latency_p95),
-                     *([_num(s.ttft_p50)] if has_ttft else []), _num(s.output_tps)])
+                     *([_num(s.ttft_p50)] if has_ttft else []), _num(s.output_tps),
+                     *([_percent(s.invalid_rate)] if structured else [])])
     result.append(Table("Summary", headers, rows,
-                        "Latency and output tokens/s over ok rows; cost per 1,000 rows of known cost."))
+                        "Latency and output tokens/s over ok rows; cost per 1,000 rows of known cost."
+                        + (" Invalid output: the share of answers that broke the schema (each one asked "
+                           "again and paid)." if structured else "")))
     if data.scores:
         result.append(Table(
             "Scores", ["variant", *data.scores],

@@ -3,7 +3,9 @@
 :func:`classify` is the one place that reads the outcome table of the design:
 
     retry   408, 409, 425, 429 (not a spent quota), 5xx, connection errors and
-            timeouts, cut-off streams and unparseable bodies (ResponseError)
+            timeouts, cut-off streams and unparseable bodies (ResponseError),
+            an answer that breaks the job's schema (InvalidOutputError: asked
+            again at once, no backoff, until ``output.parse_attempts`` re-asks)
     fail    any other 4xx (400, 404, 413, 422, ...), and a 2xx holding a value no
             column can hold (BadValueError): the row fails, the job goes on
     fatal   401, 402, 403, and a 429 whose code says the quota or balance is spent
@@ -19,7 +21,8 @@ after ``max_attempts`` or when the next wait would take the row past
 ``row_budget_s``, whichever comes first, and raises the last error with
 ``attempts`` and ``row_id`` set. Each retry is logged once, at WARNING, with the
 row id, the attempt, the wait and the cause (status and error code, or the
-error class), never a message body or header that could carry a key.
+error class), never a message body or header that could carry a key; a re-ask
+of an answer that broke the schema is logged only the first time for its kind.
 
 429s and the limiter. When the attempts report their 429s to a shared
 :class:`batch.limiter.Limiter` (pass it as ``limiter=``), the limiter has
@@ -51,6 +54,7 @@ from batch.errors import (
     APIConnectionError,
     APIStatusError,
     BadValueError,
+    InvalidOutputError,
     RequestError,
     ResponseError,
 )
@@ -81,6 +85,8 @@ def classify(exc: BaseException) -> Outcome:
     """
     if isinstance(exc, BadValueError):
         return "fail"  # a value no column can hold: the same answer again would be paid again
+    if isinstance(exc, InvalidOutputError):
+        return "fail" if exc.final else "retry"  # the re-asks output.parse_attempts allows are spent
     if isinstance(exc, APIConnectionError):
         # A certificate that does not verify fails every request to that server the same way.
         return "fatal" if exc.code == "certificate_verify_failed" else "retry"
@@ -130,6 +136,8 @@ class _Wait(wait_base):
     def __call__(self, retry_state: RetryCallState) -> float:
         s = self._settings
         exc = retry_state.outcome.exception() if retry_state.outcome else None
+        if isinstance(exc, InvalidOutputError):
+            return 0.0  # the server is fine, the answer was not: ask again at once
         if isinstance(exc, RequestError):
             if self._paced_429 and exc.http_status == 429:
                 return self._rng.uniform(0.0, s.initial_wait_s / 10.0)
@@ -181,6 +189,7 @@ class RetryPolicy:
         self._clock = clock
         self._limiter = limiter
         self._wait = _Wait(settings, rng or random.Random(), paced_429=limiter is not None)
+        self._reasks_told: set[str] = set()  # kinds of broken answers already logged (re-asks are counted instead)
 
     async def call(self, attempt: Callable[[], Awaitable[T]], *, row_id: str) -> tuple[T, int]:
         """Run ``attempt`` until it succeeds; return its result and the attempts used.
@@ -221,6 +230,12 @@ class RetryPolicy:
                 wait += limiter.blocked_for()  # the pause every worker waits out in the limiter: the real wait
             if wait > self.settings.outage_s:
                 return  # not a wait that will be taken: the job stops, and says so
+            if isinstance(exc, InvalidOutputError):
+                if exc.kind not in self._reasks_told:  # a re-ask is no trouble with the server: said once a kind
+                    self._reasks_told.add(exc.kind)
+                    logger.warning("row %s: %s; asking again (answers of this kind are re-asked without a word "
+                                   "more, and counted in the summary)", row_id, exc.message)
+                return
             logger.warning(
                 "row %s: attempt %d failed (%s), retrying in %.2f s",
                 row_id,

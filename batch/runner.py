@@ -51,11 +51,22 @@ from batch.errors import BudgetReached, DiskError, JobStopped, PromptmillError, 
 from batch.job import Job
 from batch.limiter import Limiter
 from batch.progress import Progress
+from batch.prompts import output_format
 from batch.records import Request
 from batch.retry import RetryPolicy, RetrySettings
 from batch.sources import Source, open_source
 from batch.spec import JobSpec, is_loopback, template_fields
-from batch.store import METADATA_KEY, PLAIN_KEY, SWEEP_KEY, OutputStore, output_schema
+from batch.store import (
+    METADATA_KEY,
+    PLAIN_KEY,
+    SWEEP_KEY,
+    OutputStore,
+    check_not_input,
+    check_output_writable,
+    output_schema,
+)
+from batch.store.batch_output import write_batch_output
+from batch.store.schema import EXTRA_FIELDS
 from batch.summary import Summary
 from batch.variants import Target
 from batch.worker import Workers
@@ -133,6 +144,24 @@ def _metadata(spec: JobSpec, identity: dict[str, Any]) -> dict[bytes, bytes]:
     return {METADATA_KEY: orjson.dumps(doc, default=str)}
 
 
+def _batch_files(spec: JobSpec, opts: RunOptions) -> list[Path]:
+    """The OpenAI batch output file and error file the job writes at the end (none for Parquet)."""
+    if spec.output.format != "openai_batch":
+        return []
+    errors = spec.error_path(opts.date)
+    return [spec.output_path(opts.date), *([errors] if errors is not None else [])]
+
+
+def _extra_columns(spec: JobSpec, reader: Source) -> tuple[pa.Field, ...]:
+    """The result columns only some jobs write (see ``batch.store.schema.EXTRA_FIELDS``)."""
+    extra: list[str] = []
+    if any(v.target.endpoint == "embeddings" for v in spec.variants()) or getattr(reader, "format", None) == "openai_batch":
+        extra.append("embedding")
+    if spec.output.format == "openai_batch":
+        extra += ["response_body", "request_id"]
+    return tuple(EXTRA_FIELDS[name] for name in extra)
+
+
 def _with_columns_read(spec: JobSpec) -> JobSpec:
     """The job with the columns its scores and variants' templates read added to the pass-through
     columns, so each row carries them (and the output keeps the references a judge job reads)."""
@@ -181,8 +210,11 @@ async def run_job(spec: JobSpec, opts: RunOptions | None = None) -> Summary:
     wall_start = opts.clock()
     api_key = check_api(spec)
     _base_url(spec, opts)  # refuse "simulator" with none started before anything is written
-    output = spec.output_path(opts.date)
+    output = spec.store_path(spec.output_path(opts.date))  # the Parquet output: the durable store
     OutputStore.check(output, Path(spec.input.path))
+    for export in _batch_files(spec, opts):
+        check_not_input(export, Path(spec.input.path))
+        check_output_writable(export)
     try:
         input_seen = os.stat(spec.input.path)  # before it is read: a change from now on stops the job
     except OSError:
@@ -193,9 +225,11 @@ async def run_job(spec: JobSpec, opts: RunOptions | None = None) -> Summary:
     _release_memory()
     Ledger.check(spec.limits.budget_usd, job_prices(spec))  # a budget with an unpriced model: refused now
     identity = job_identity(spec)
+    fmt = output_format(spec)  # structured output: the schema every variant's answers are checked by
     scores = pa.schema([pa.field(f"score_{s.name}", pa.float64()) for s in spec.scores])
-    schema = output_schema(pa.schema([*reader.passthrough_schema, *scores]), _metadata(spec, identity))
-    summary = Summary(job=spec.name, output=str(output))
+    schema = output_schema(pa.schema([*reader.passthrough_schema, *scores]), _metadata(spec, identity),
+                           [*_extra_columns(spec, reader), *(fmt.fields if fmt else ())])
+    summary = Summary(job=spec.name, output=str(output), by_variant=spec.is_sweep)
     opts.summary = summary
 
     key = SWEEP_KEY if spec.is_sweep else PLAIN_KEY
@@ -208,7 +242,7 @@ async def run_job(spec: JobSpec, opts: RunOptions | None = None) -> Summary:
         rows = getattr(reader, "num_rows", None)
         per_row = len(spec.variants()) * spec.samples
         progress = Progress(rows * per_row if rows is not None else None, enabled=opts.progress, money=money)
-        job = Job(spec, opts, store, summary, progress, api_key, input_seen, money)
+        job = Job(spec, opts, store, summary, progress, api_key, input_seen, money, fmt)
         try:
             await _run(job, reader, api_key)
         except ExceptionGroup as group:
@@ -266,7 +300,13 @@ async def _finish(job: Job) -> None:
         await anyio.to_thread.run_sync(store.assemble)
         if job.spec.is_sweep or job.spec.scores:
             found = await anyio.to_thread.run_sync(variant_summary.section, store.path)
-            summary.variants, summary.variant_lines = found
+            summary.variant_report, summary.variant_lines = found
+        files = _batch_files(job.spec, job.opts)
+        if files:
+            ok, bad = await anyio.to_thread.run_sync(lambda: write_batch_output(store.path, *files))
+            log.info("batch output: %s lines in %s%s", f"{ok + bad if len(files) == 1 else ok:,}", files[0],
+                     f", {bad:,} failed lines in {files[1]}" if len(files) > 1 else "")
+            summary.batch_files = [str(f) for f in files]
     except DiskError as exc:
         failed = exc
         summary.stopped = str(exc)
@@ -356,7 +396,7 @@ async def _lane(job: Job, target: Target, timeouts: Timeouts, api_key: str | Non
     client = await stack.enter_async_context(Client(
         base_url, endpoint=target.endpoint, stream=spec.api.stream, api_key=_target_key(spec, target, api_key),
         concurrency=target.concurrency or spec.limits.concurrency, timeouts=timeouts, transport=opts.transport,
-        max_body_bytes=int(spec.api.max_response_mb * 2**20),
+        max_body_bytes=int(spec.api.max_response_mb * 2**20), keep_body=spec.output.format == "openai_batch",
     ))
     return client, limiter, policy
 

@@ -23,6 +23,10 @@ is a pass rate and ``batch.stats`` can tell them from numeric scores):
   called as ``fn(text, row)`` with the row's values as a dict; it returns a number
   or a bool (True is 1.0). Whatever it returns is the score, so it may be a grade.
 
+Any kind scores the answer's text, or with ``field`` a value of the row: ``field =
+"parsed.answer"`` compares the reference with the ``answer`` of a structured job's
+parsed answer (a missing or null field scores None; a number or list is its JSON text).
+
 A failed row (no text) has no scores: every column is None. A row whose reference
 is null has None for the scores that need it. A function that raises, or returns
 something that is not a number, gives None for that row; the first such problem
@@ -76,6 +80,9 @@ class ScoreSpec(msgspec.Struct, frozen=True):
     pattern: str | None = None
     tolerance: float = 0.0
     function: str | None = None
+    # what is scored instead of the answer's text: a column of the row, dotted into a struct
+    # ("parsed.answer": the field 'answer' of a structured job's parsed answer)
+    field: str | None = None
 
 
 def normalize(text: str) -> str:
@@ -121,6 +128,7 @@ class Scorer:
         self.specs = tuple(specs)
         self._reported: set[tuple[str, str]] = set()
         self._checks: list[tuple[str, Check]] = []
+        self._fields: dict[str, tuple[str, ...]] = {}  # column -> the row field it scores, when not the text
         seen: set[str] = set()
         for spec in self.specs:
             if not _NAME.fullmatch(spec.name):
@@ -129,6 +137,8 @@ class Scorer:
                 raise ScoreSpecError(f"score '{spec.name}' is defined twice")
             seen.add(spec.name)
             self._checks.append((f"score_{spec.name}", self._build(spec)))
+            if spec.field is not None:
+                self._fields[f"score_{spec.name}"] = tuple(spec.field.split("."))
 
     @property
     def columns(self) -> list[tuple[str, pa.DataType]]:
@@ -139,7 +149,15 @@ class Scorer:
         """Every score of one answer, keyed by column name; all None when ``text`` is None."""
         if text is None:
             return {column: None for column, _ in self._checks}
-        return {column: check(text, row) for column, check in self._checks}
+        if not self._fields:
+            return {column: check(text, row) for column, check in self._checks}
+        scores: dict[str, float | None] = {}
+        for column, check in self._checks:
+            scored: str | None = text
+            if column in self._fields:
+                scored = _field_text(row, self._fields[column])
+            scores[column] = None if scored is None else check(scored, row)
+        return scores
 
     def _report_once(self, name: str, problem: str, message: str, *args: object) -> None:
         if (name, problem) not in self._reported:
@@ -231,6 +249,16 @@ class Scorer:
             return None
 
         return function
+
+
+def _field_text(row: Mapping[str, Any], path: tuple[str, ...]) -> str | None:
+    """The row's value at a dotted path (into struct columns) as text; None when absent or null."""
+    value: Any = row
+    for part in path:
+        value = value.get(part) if isinstance(value, Mapping) else None
+    if value is None or isinstance(value, str):
+        return value
+    return orjson.dumps(value).decode()
 
 
 def _json_valid(text: str, row: Mapping[str, Any]) -> float | None:

@@ -8,7 +8,7 @@ input and output paths and the API base URL has defaults)::
 
     [input]
     path = "reviews.parquet"               # relative paths are relative to the current directory
-    format = "auto"                        # "auto" (by suffix, else by content), "parquet", "jsonl"
+    format = "auto"                        # "auto" (by suffix, else by content), "parquet", "jsonl", "openai_batch"
     id_column = "id"                       # missing from the input (and not set here): row numbers are ids
     prompt_column = "prompt"
     # messages_column = "messages"         # a list of {role, content} per row (chat only)
@@ -19,13 +19,14 @@ input and output paths and the API base URL has defaults)::
 
     [output]
     path = "out/{job}-{date}.parquet"      # {date} (or {ds}) is the UTC date (YYYY-MM-DD) or --date, {job} the job name
+    # schema_file = "schemas/qa.json"      # structured output: answers must follow this JSON Schema
     flush_rows = 500                       # finished rows are made durable every N rows (default: 500 or the concurrency, the larger) ...
     flush_s = 2.0                          # ... or every S seconds, whichever comes first
 
     [api]
     base_url = "https://api.atoma.network/v1"   # "simulator" starts the built-in simulator
     api_key_env = "ATOMA_API_KEY"          # the key itself never goes in the job file
-    endpoint = "chat"                      # or "completions"
+    endpoint = "chat"                      # or "completions", "embeddings"
     stream = false
 
     [request]
@@ -134,7 +135,7 @@ class InputSpec(_Spec, frozen=True):
     """
 
     path: Path
-    format: Literal["auto", "parquet", "jsonl"] = "auto"
+    format: Literal["auto", "parquet", "jsonl", "openai_batch"] = "auto"
     id_column: str | None = None
     prompt_column: str = "prompt"
     messages_column: str | None = None
@@ -142,6 +143,9 @@ class InputSpec(_Spec, frozen=True):
     system_prompt: str | None = None
     passthrough: tuple[str, ...] = ()
     on_bad_line: Literal["abort", "fail_row"] = "abort"
+    # embeddings: rows sent in one request, and the estimated tokens one request may hold
+    embed_batch: Annotated[int, msgspec.Meta(ge=1, le=2048)] = 64
+    embed_max_tokens: PositiveInt = 100_000
 
     @property
     def id_name(self) -> str:
@@ -175,10 +179,24 @@ class OutputSpec(_Spec, frozen=True):
     path: str
     flush_rows: PositiveInt | None = None
     flush_s: PositiveFloat = 2.0
+    # "openai_batch": a .jsonl in OpenAI's batch output format, assembled from the Parquet
+    # store (``store_path``) at the end; ``error_file`` takes its failed lines
+    format: Literal["parquet", "openai_batch"] = "parquet"
+    error_file: str | None = None
+    # structured output (README, "Structured output"): a JSON Schema inline, or in a file
+    # (read into ``schema`` at load); see batch.structured
+    schema: dict[str, Any] | None = None
+    schema_file: str | None = None
+    send_schema: bool = True
+    strict: bool = True
+    flatten: bool = False
+    parse_attempts: Annotated[int, msgspec.Meta(ge=0, le=100)] = 2
 
     def _problem(self) -> tuple[str, str] | None:
         if not self.path:
             return "path", "must not be empty"
+        if self.schema is not None and self.schema_file is not None:
+            return "schema_file", "schema and schema_file exclude each other; give one"
         try:
             names = [name for _, name, _, _ in string.Formatter().parse(self.path)]
         except ValueError as exc:
@@ -187,9 +205,20 @@ class OutputSpec(_Spec, frozen=True):
             if name is not None and name not in ("date", "ds", "job"):
                 return "path", f"unknown placeholder {{{name}}}; use {{date}} (or {{ds}}) or {{job}}"
         suffix = Path(self.path).suffix
+        if self.format == "openai_batch":
+            if suffix.lower() != ".jsonl":
+                return "path", _with_value(self.path, "an openai_batch output is a .jsonl file; "
+                                                      "give a path ending in .jsonl")
+            if self.error_file is not None and Path(self.error_file).suffix.lower() != ".jsonl":
+                return "error_file", _with_value(self.error_file, "give a path ending in .jsonl")
+            return None
+        if self.error_file is not None:
+            return "error_file", 'needs output.format = "openai_batch" (--output-format openai_batch)'
         if suffix.lower() in _NOT_PARQUET_SUFFIXES:
+            hint = ' (or set output.format = "openai_batch" for an OpenAI batch output file)' if (
+                suffix.lower() == ".jsonl") else ""
             return "path", _with_value(self.path, f"ends in {suffix}: the output is a Parquet file; "
-                                                  "give a path ending in .parquet")
+                                                  f"give a path ending in .parquet{hint}")
         return None
 
 
@@ -209,7 +238,7 @@ class ApiSpec(_Spec, frozen=True):
     base_url: str
     allow_insecure_http: bool = False
     api_key_env: str = "ATOMA_API_KEY"
-    endpoint: Literal["chat", "completions"] = "chat"
+    endpoint: Literal["chat", "completions", "embeddings"] = "chat"
     stream: bool = False
     connect_timeout_s: PositiveFloat = 10.0
     read_timeout_s: PositiveFloat = 120.0
@@ -375,8 +404,25 @@ class JobSpec(_Spec, frozen=True):
     def output_path(self, now: datetime | date | None = None) -> Path:
         """The output path with ``{date}`` and ``{ds}`` (UTC, YYYY-MM-DD, of ``now``: a date is
         taken as it is, e.g. a scheduler's logical date) and ``{job}`` filled in."""
-        when = now if now is not None else datetime.now(UTC)
-        if isinstance(when, datetime) and when.tzinfo is not None:
-            when = when.astimezone(UTC)
-        day = when.strftime("%Y-%m-%d")
+        day = _day(now)
         return Path(self.output.path.format(date=day, ds=day, job=self.name))
+
+    def store_path(self, output: Path) -> Path:
+        """Where the durable Parquet output of ``output`` is: itself, or for an
+        ``openai_batch`` output its ``.parquet`` sibling (``out/b.jsonl``: ``out/b.parquet``)."""
+        return output.with_suffix(".parquet") if self.output.format == "openai_batch" else output
+
+    def error_path(self, now: datetime | date | None = None) -> Path | None:
+        """``output.error_file`` with ``{date}``, ``{ds}`` and ``{job}`` filled in, or None."""
+        if self.output.error_file is None:
+            return None
+        day = _day(now)
+        return Path(self.output.error_file.format(date=day, ds=day, job=self.name))
+
+
+def _day(now: datetime | date | None) -> str:
+    """``now`` (default: the current time) as a UTC date, YYYY-MM-DD."""
+    when = now if now is not None else datetime.now(UTC)
+    if isinstance(when, datetime) and when.tzinfo is not None:
+        when = when.astimezone(UTC)
+    return when.strftime("%Y-%m-%d")

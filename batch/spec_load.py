@@ -10,6 +10,7 @@ file, the line and the key (``batch.spec_errors`` finds them).
 
 from __future__ import annotations
 
+import logging
 import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -17,8 +18,9 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from batch.errors import JobFileError
+from batch.errors import JobFileError, PromptmillError
 from batch.records import OUTPUT_COLUMNS
+from batch.sources import detect_format
 from batch.spec import ENV_NAME, JobSpec, PriceSpec, RequestSpec
 from batch.spec_errors import (
     NOT_SHOWN,
@@ -34,6 +36,7 @@ from batch.variants import VariantProblem
 __all__ = ["TableCheck", "load_job"]
 
 _T = TypeVar("_T")
+log = logging.getLogger(__name__)
 
 
 def _find_secret(data: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> tuple[str, ...] | None:
@@ -125,7 +128,65 @@ def _check_passthrough(names: tuple[str, ...], located: Located) -> None:
             raise located.error(f"'{name}' is a column promptmill writes itself; {what}", ("input", "passthrough"))
 
 
+def _check_schema_fits(spec: JobSpec, located: Located) -> None:
+    """A schema checks text answers of prompts promptmill writes: refused with an embeddings endpoint
+    (no text) and with an OpenAI batch file (each line's body is sent as written, its answer kept as is)."""
+    key = ("output", "schema_file" if spec.output.schema_file is not None else "schema")
+    if any(v.target.endpoint == "embeddings" for v in spec.variants()):
+        raise located.error("a schema checks text answers, and the embeddings endpoint answers vectors: "
+                            "drop [output] schema or use endpoint = \"chat\" or \"completions\"", key)
+    batch_file = "output" if spec.output.format == "openai_batch" else "input" if _input_format(spec) == "openai_batch" else None
+    if batch_file is not None:
+        raise located.error(f"a schema cannot be used with an OpenAI batch file ({batch_file}): each line's body "
+                            "is sent as written and its answer kept as the server sent it; put response_format "
+                            "in the lines' bodies, or drop [output] schema", key)
+
+
+def _load_schema(spec: JobSpec, located: Located) -> JobSpec:
+    """Read ``output.schema_file`` into ``output.schema`` and check the schema: a mistake is one
+    line naming the file (or the job file's line) and the JSON pointer."""
+    from batch.structured import OutputFormat, SchemaProblem, check_schema, read_schema_file
+
+    out = spec.output
+    schema: Any = out.schema
+    try:
+        if out.schema_file is not None:
+            schema = read_schema_file(Path(out.schema_file))
+        check_schema(schema)
+        fmt = OutputFormat(schema, name=spec.name, send=out.send_schema, strict=out.strict,
+                           flatten=out.flatten, parse_attempts=out.parse_attempts)
+    except SchemaProblem as exc:
+        message = f"at JSON pointer {exc.pointer}: {exc.message}"
+        if out.schema_file is not None:
+            raise JobFileError(message, path=out.schema_file) from None
+        raise located.error(message, ("output", "schema", *map(str, exc.path))) from None
+    except Exception as exc:  # fastjsonschema refusing to compile it (a bad regex, ...)
+        where = out.schema_file
+        message = f"the validator cannot compile the schema: {exc}"
+        if where is not None:
+            raise JobFileError(message, path=where) from None
+        raise located.error(message, ("output", "schema")) from None
+    taken = {"id", *OUTPUT_COLUMNS, *spec.input.passthrough}
+    clash = [name for name in fmt.names if name in taken]
+    if clash:
+        raise located.error(f"the schema's property '{clash[0]}' would be a column of the same name as one "
+                            "promptmill (or input.passthrough) writes; rename it or set flatten = false",
+                            ("output", "flatten"))
+    for where in fmt.columns.as_text:
+        log.warning("%s: the schema at %s has no single column type; that field is kept as JSON text",
+                    out.schema_file or spec.source or "the job", where)
+    return msgspec.structs.replace(spec, output=msgspec.structs.replace(out, schema=schema))
+
+
 TableCheck = Callable[[Mapping[str, Any]], tuple[str | None, str] | None]
+
+
+def _input_format(spec: JobSpec) -> str | None:
+    """The input's format, or None when it cannot be told yet (the source reports why when it opens)."""
+    try:
+        return detect_format(spec.input)
+    except (PromptmillError, OSError):
+        return None
 
 
 def load_job(path: str | Path | None, overrides: Mapping[str, Any] | None = None, *,
@@ -200,15 +261,28 @@ def load_job(path: str | Path | None, overrides: Mapping[str, Any] | None = None
 
     if spec.input.passthrough:
         _check_passthrough(spec.input.passthrough, located)
-    if spec.api.endpoint == "completions" and spec.input.messages_column is not None:
+    if spec.api.endpoint != "chat" and spec.input.messages_column is not None:
         raise located.error(
-            "the completions endpoint takes a prompt, not messages; use endpoint = \"chat\"",
+            f"the {spec.api.endpoint} endpoint takes a prompt, not messages; use endpoint = \"chat\"",
             ("input", "messages_column"),
+        )
+    if spec.output.format == "openai_batch" and spec.api.stream:
+        raise located.error(
+            "an openai_batch output holds each answer's JSON body as the server sent it: set stream = false",
+            ("api", "stream"),
         )
     try:
         spec.variants()
     except VariantProblem as mistake:
         raise located.error(mistake.message, mistake.key) from None
+    if spec.output.schema is not None or spec.output.schema_file is not None:
+        _check_schema_fits(spec, located)  # before the schema is read: it may not apply at all
+        spec = _load_schema(spec, located)
+    if spec.is_sweep and (spec.output.format == "openai_batch" or _input_format(spec) == "openai_batch"):
+        raise located.error(
+            "a [sweep] cannot run over an OpenAI batch file (input or output): each line is one request with its "
+            "own body; run the batch file as a plain job, or sweep over a Parquet or JSONL prompt file", ("sweep",),
+        )
     if spec.simulator is not None and check_simulator is not None:
         problem = check_simulator(spec.simulator)
         if problem is not None:

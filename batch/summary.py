@@ -90,22 +90,44 @@ class Summary:
     wall_s: float = 0.0
     stopped: str | None = None  # why the job ended early, if it did
     errors: dict[str, int] = field(default_factory=dict)
+    # structured output, per variant: [rows asked again after an answer broke the schema, rows never valid]
+    structured: dict[str, list[int]] = field(default_factory=dict)
     budget: dict[str, Any] | None = None  # with a budget: batch.budget.Ledger.as_dict()
-    # a sweep or a scored job: each variant's numbers and its lines (batch.variant_summary)
-    variants: list[dict[str, Any]] | None = None
+    # a sweep or a scored job: each variant's numbers over the whole output, and its lines (batch.variant_summary)
+    variant_report: list[dict[str, Any]] | None = None
     variant_lines: list[str] = field(default_factory=list)
+    by_variant: bool = False  # a sweep: this run's totals per variant too
+    variants: dict[str, ModelTotals] = field(default_factory=dict)
+    # with output.format = "openai_batch": the batch output file (and the error file) written from ``output``
+    batch_files: list[str] = field(default_factory=list)
     _p50_p95: tuple[int, list[float | None]] | None = field(default=None, init=False, repr=False, compare=False)
 
     def add(self, r: Result) -> None:
         totals = self.models.get(r.model)
         if totals is None:
             totals = self.models[r.model] = ModelTotals()
+        self._count(totals, r)
+        if r.status != "ok":
+            key = r.error_code or (str(r.http_status) if r.http_status else "error")
+            self.errors[key] = self.errors.get(key, 0) + 1
+        if self.by_variant and r.variant is not None:
+            per = self.variants.get(r.variant)
+            if per is None:
+                per = self.variants[r.variant] = ModelTotals()
+            self._count(per, r)
+        if r.latency_s is not None and r.status == "ok":
+            self.latencies.append(r.latency_s)
+        if r.columns is not None:
+            counts = self.structured.setdefault(r.variant or r.model, [0, 0])  # a plain job: its one variant, its model
+            counts[0] += r.invalid_answers > 0
+            counts[1] += r.status == "failed" and r.error_code == "invalid_output"
+
+    @staticmethod
+    def _count(totals: ModelTotals, r: Result) -> None:
         if r.status == "ok":
             totals.rows_ok += 1
         else:
             totals.rows_failed += 1
-            key = r.error_code or (str(r.http_status) if r.http_status else "error")
-            self.errors[key] = self.errors.get(key, 0) + 1
         if r.prompt_tokens is not None:
             totals.prompt_tokens += r.prompt_tokens
             totals.completion_tokens += r.completion_tokens or 0
@@ -117,8 +139,6 @@ class Summary:
                 totals.cost_usd += r.cost_usd
         elif r.status == "ok":
             totals.rows_without_usage += 1
-        if r.latency_s is not None and r.status == "ok":
-            self.latencies.append(r.latency_s)
 
     @property
     def rows_ok(self) -> int:
@@ -143,6 +163,7 @@ class Summary:
         return {
             "job": self.job,
             "output": self.output,
+            "batch_files": self.batch_files,
             "stopped": self.stopped,
             "rows_ok": self.rows_ok,
             "rows_failed": self.rows_failed,
@@ -155,9 +176,26 @@ class Summary:
             "rows_per_s": round(done / self.wall_s, 2) if self.wall_s > 0 else None,
             "latency_p50_s": None if p50 is None else round(p50, 4),
             "latency_p95_s": None if p95 is None else round(p95, 4),
+            **({"structured": {name: {"rows_reasked": c[0], "rows_never_valid": c[1]}
+                               for name, c in sorted(self.structured.items())}} if self.structured else {}),
             "budget": self.budget,
-            **({"variants": self.variants} if self.variants is not None else {}),
+            **({"variants": variants} if (variants := self._variants_section()) is not None else {}),
         }
+
+    def _variants_section(self) -> list[dict[str, Any]] | None:
+        """One entry a variant: the whole output's figures (the report's, ``variant_report``), and
+        under ``this_run`` the totals of the rows this run wrote (a sweep); None for a plain job."""
+        if self.variant_report is None and not self.by_variant:
+            return None
+        entries = [dict(e) for e in self.variant_report or []]
+        known = {e["name"]: e for e in entries}
+        for name, totals in self.variants.items():
+            entry = known.get(name)
+            if entry is None:
+                entry = known[name] = {"name": name}
+                entries.append(entry)
+            entry["this_run"] = totals.as_dict()
+        return entries
 
     def to_json(self) -> bytes:
         return (json.dumps(self.as_dict(), indent=2) + "\n").encode()
@@ -191,6 +229,9 @@ class Summary:
             )
         for name, m in d["models"].items():
             lines.append(f"  cost      {_cost_text(m)}  {name}")
+        for v in d.get("variants", []):
+            if "this_run" in v:
+                lines.append(f"  cost      {_cost_text(v['this_run'])}  variant {v['name']}")
         if len(d["models"]) > 1:
             lines.append(f"  cost      {_cost_text(t)}  total")
         if self.budget is not None:
@@ -199,11 +240,17 @@ class Summary:
         lines.append(f"  time      {d['wall_s']:.1f} s wall, {rate if rate is not None else 0:,.1f} rows/s")
         if d["latency_p50_s"] is not None:
             lines.append(f"  latency   p50 {d['latency_p50_s']:.3f} s, p95 {d['latency_p95_s']:.3f} s")
+        for name, c in d.get("structured", {}).items():
+            lines.append(f"  schema    {c['rows_reasked']:,} rows asked again, {c['rows_never_valid']:,} never valid  {name}")
         if d["errors"]:
             errs = ", ".join(f"{k}: {v:,}" for k, v in d["errors"].items())
             lines.append(f"  failures  {errs}")
         lines += self.variant_lines
-        lines.append(f"  output    {self.output}")
+        if self.batch_files:
+            errors = f", failed lines in {self.batch_files[1]}" if len(self.batch_files) > 1 else ""
+            lines.append(f"  output    {self.batch_files[0]}{errors} (from the Parquet store {self.output})")
+        else:
+            lines.append(f"  output    {self.output}")
         return "\n".join(lines)
 
 

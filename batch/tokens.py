@@ -27,11 +27,11 @@ def estimate_tokens(body: Mapping[str, Any]) -> int:
 
 
 def prompt_tokens(body: Mapping[str, Any]) -> int:
-    """The prompt's tokens: its ``messages`` (content and names) or its ``prompt``."""
+    """The prompt's tokens: its ``messages`` (content and names), its ``prompt`` or an embeddings ``input``."""
     messages = body.get("messages")
     if isinstance(messages, list):
         return messages_tokens(messages)
-    prompt = body.get("prompt")
+    prompt = body.get("prompt", body.get("input"))
     if isinstance(prompt, list):
         return tokens_for(sum(len(p) for p in prompt if isinstance(p, str)), 0)
     return tokens_for(len(prompt) if isinstance(prompt, str) else 0, 0)
@@ -60,8 +60,10 @@ def answer_tokens(body: Mapping[str, Any]) -> int:
     """``max_tokens * n``: what a server reserves for the answer at admission.
 
     A body with no ``max_tokens`` (or ``max_completion_tokens``) is counted with
-    8192, what Atoma reserves for it.
+    8192, what Atoma reserves for it. An embeddings body (``input``, no prompt) has no answer tokens.
     """
+    if "input" in body and "messages" not in body and "prompt" not in body:
+        return 0
     max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 0:
         max_tokens = _DEFAULT_MAX_TOKENS

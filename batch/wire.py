@@ -23,7 +23,7 @@ from batch.errors import BadValueError, ResponseError
 from batch.records import Choice, Completion, Usage
 from batch.wire_dates import parse_created
 
-__all__ = ["StreamAssembler", "clip", "error_text", "parse_completion", "parse_created"]
+__all__ = ["StreamAssembler", "clip", "error_text", "load_object", "parse_completion", "parse_created"]
 
 _MESSAGE_CHARS: Final = 300  # the server's message is cut to this in our errors
 _SNIPPET_CHARS: Final = 80  # how much of an unusable 2xx body an error quotes
@@ -182,27 +182,29 @@ def _body_snippet(data: bytes | str) -> str:
     return clip(" ".join(data.split()), _SNIPPET_CHARS)
 
 
-def parse_completion(data: bytes, endpoint: str, n: int = 1) -> Completion:
-    """Parse a non-streamed JSON answer; raise ``ResponseError`` for anything unusable.
-
-    ``n`` > 1 (a request asked with ``n``): choices 1 .. n-1 are kept in ``more`` too.
-
-    Invalid UTF-8 or a lone surrogate in a string is kept as U+FFFD, as in a stream:
-    a well-formed answer is never paid for twice because of a bad byte.
-    """
-    lenient = False
+def load_object(data: bytes) -> tuple[dict[str, Any], bool]:
+    """A 2xx body's JSON object, and whether it needed the lenient parser (bad UTF-8 or surrogates)."""
     try:
-        payload = orjson.loads(data)
+        payload, lenient = orjson.loads(data), False
     except orjson.JSONDecodeError:
         if not data:
             raise ResponseError("empty response body") from None
         try:
-            payload = _loads_lenient(data)
+            payload, lenient = _loads_lenient(data), True
         except (ValueError, RecursionError):
             raise ResponseError(f"response body is not valid JSON: {_body_snippet(data)!r}") from None
-        lenient = True
     if not isinstance(payload, dict):
         raise ResponseError(f"response body is not a JSON object: {_body_snippet(data)!r}")
+    return payload, lenient
+
+
+def parse_completion(data: bytes, endpoint: str, n: int = 1) -> Completion:
+    """Parse a non-streamed JSON answer; raise ``ResponseError`` for anything unusable.
+    ``n`` > 1 (a request asked with ``n``): choices 1 .. n-1 are kept in ``more`` too.
+    Invalid UTF-8 or a lone surrogate in a string is kept as U+FFFD, as in a stream:
+    a well-formed answer is never paid for twice because of a bad byte.
+    """
+    payload, lenient = load_object(data)
     choices = payload.get("choices")
     if not isinstance(choices, list) or not choices:
         if payload.get("error"):

@@ -59,6 +59,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = "sim-model"
+SCHEMA_FILE = Path(__file__).resolve().parent.parent / "jobs" / "schemas" / "qa.json"
 MAX_TOKENS = 256  # what promptmill sends by default; the baseline sends the same
 SIM_CORE, CLIENT_CORE = "0", "1"
 NEAR_CAPACITY = 0.8  # a run at or above this share of the simulator's capacity is marked
@@ -489,8 +490,14 @@ def run_client(runner: str, scenario: Scenario, rows: int, input_path: Path, sim
     if runner == "promptmill" and scenario.sweep is not None:
         argv = [sys.executable, "-m", "batch", "run", str(_sweep_job(scenario, input_path, output, sim, workdir)),
                 "--concurrency", str(scenario.concurrency), "--no-progress", "-q"]
-    elif runner == "promptmill":
-        argv = [sys.executable, "-m", "batch", "run", "--input", str(input_path), "--output", str(output),
+    elif runner.startswith("promptmill"):
+        job: list[str] = []
+        if runner == "promptmill+schema":
+            # structured output: the schema sent, every answer (valid JSON from the simulator) checked and typed
+            job_file = workdir / "schema-job.toml"
+            job_file.write_text(f'[output]\npath = "{output}"\nschema_file = "{SCHEMA_FILE}"\n')
+            job = [str(job_file)]
+        argv = [sys.executable, "-m", "batch", "run", *job, "--input", str(input_path), "--output", str(output),
                 "--base-url", sim.base_url, "--model", MODEL, "--concurrency", str(scenario.concurrency),
                 "--no-progress", "-q"]
     elif runner == "raw client":
@@ -671,6 +678,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--rows", action="append", metavar="NAME=N", help="rows of one scenario (repeatable)")
     p.add_argument("--scale", type=float, default=1.0, help="multiply every scenario's rows")
     p.add_argument("--no-baseline", action="store_true", help="skip the openai-SDK baseline")
+    p.add_argument("--schema", action="store_true",
+                   help="also run promptmill with a JSON schema (jobs/schemas/qa.json): answers checked and typed")
     p.add_argument("--no-raw", action="store_true",
                    help="skip the raw-socket client that shows the floor the simulator sets where latency sets an ideal")
     p.add_argument("--baseline-max-rows", type=int, default=200_000,
@@ -785,7 +794,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 s = SCENARIOS[name]
                 rows = sizes[name]
                 input_path = Path(_in_child("_make_input", "--output", str(workdir), "--rows", str(rows)))
-                runners = ["promptmill"]
+                runners = ["promptmill", "promptmill+schema"] if args.schema else ["promptmill"]
                 if s.baseline and not args.no_baseline and rows <= args.baseline_max_rows:
                     runners.append("baseline")
                 if s.latency_ms > 0 and not args.no_raw:
@@ -793,6 +802,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 with Simulator(s.latency_ms, workdir, args.pin) as sim:
                     for runner in runners:
                         r = run_client(runner, s, rows, input_path, sim, args, workdir)
+                        plain = next((p for p in results if p.scenario == name and p.runner == "promptmill"), None)
+                        if runner == "promptmill+schema" and plain and plain.rows_s and r.rows_s:
+                            r.notes.append(f"{r.rows_s / plain.rows_s:.2f} x plain promptmill's rows/s")
                         results.append(r)
                         print(f"{name} {runner}: {r.rows_s:,.0f} rows/s, {r.wall_s:.2f} s"
                               + (f" ({r.error})" if r.error else ""), file=sys.stderr)

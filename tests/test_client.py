@@ -445,6 +445,6 @@ async def test_total_timeout_is_a_connection_error() -> None:
 
 def test_bad_arguments_are_refused() -> None:
     with pytest.raises(ValueError, match="endpoint"):
-        Client(BASE, endpoint="embeddings", stream=False, api_key=None, concurrency=1)
+        Client(BASE, endpoint="rerank", stream=False, api_key=None, concurrency=1)
     with pytest.raises(ValueError, match="concurrency"):
         Client(BASE, endpoint="chat", stream=False, api_key=None, concurrency=0)

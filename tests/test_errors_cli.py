@@ -105,18 +105,18 @@ def test_bad_job_file_key_names_line_and_key(
 def test_unknown_endpoint_in_job_file(
     tmp_path: Path, sim: SimServer, good: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    job = job_file(tmp_path, sim, good, api='endpoint = "embeddings"\n')
+    job = job_file(tmp_path, sim, good, api='endpoint = "rerank"\n')
     line = refused(capsys, sim, "run", job)
-    assert f"{job}, line 7, key 'api.endpoint'" in line and "'chat' or 'completions'" in line
+    assert f"{job}, line 7, key 'api.endpoint'" in line and "'chat', 'completions' or 'embeddings'" in line
 
 
 def test_unknown_endpoint_option(tmp_path: Path, good: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # argparse refuses it; its usage text goes first, then one line naming the option
     with pytest.raises(SystemExit) as info:
-        run_cli(capsys, *run_args(good, tmp_path / "o.parquet", "simulator", "--endpoint", "embeddings"))
+        run_cli(capsys, *run_args(good, tmp_path / "o.parquet", "simulator", "--endpoint", "rerank"))
     assert info.value.code == 2
     err = capsys.readouterr().err
-    assert "--endpoint" in err and "invalid choice: 'embeddings'" in err and "Traceback" not in err
+    assert "--endpoint" in err and "invalid choice: 'rerank'" in err and "Traceback" not in err
 
 
 def test_zero_concurrency_option_says_it_came_from_an_override(

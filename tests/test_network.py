@@ -621,7 +621,7 @@ def test_an_unverified_certificate_stops_the_job(
     tls_ca: trustme.CA, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("ATOMA_API_KEY", "sk-secret")
-    server = _tls_server(tls_ca, 4)
+    server = _tls_server(tls_ca, 16)  # room for every connection the job may open
     try:
         result, _ = _run(capsys, tmp_path, server.base_url.replace("http://", "https://"), 4)
     finally:

@@ -178,7 +178,8 @@ def test_bad_requests_get_400_and_unknown_paths_404(client: httpx.Client) -> Non
     assert client.post("/completions", json={"prompt": "hi"}).status_code == 400
     response = client.post("/chat/completions", json={**CHAT, "max_tokens": 0})
     assert response.status_code == 400 and "max_tokens" in response.json()["error"]["message"]
-    assert client.post("/embeddings", json={}).status_code == 404
+    assert client.post("/embeddings", json={}).status_code == 400
+    assert client.post("/rerank", json={}).status_code == 404
 
 
 # --- rate limits -----------------------------------------------------------------------

@@ -32,6 +32,7 @@ CHANGED: dict[str, tuple[Any, list[str]]] = {
     "fault_rate": (0.1, ["--fault-rate", "0.1"]),
     "faults": (("500", "hang"), ["--faults", "500,hang"]),
     "seed": (7, ["--fault-seed", "7"]),
+    "invalid_output_rate": (0.25, ["--invalid-output-rate", "0.25"]),
     "fatal_status": (401, ["--fatal-status", "401"]),
     "fatal_after": (3, ["--fatal-after", "3"]),
     "context_tokens": (4096, ["--context-tokens", "4096"]),
@@ -40,6 +41,7 @@ CHANGED: dict[str, tuple[Any, list[str]]] = {
     "keepalive": (True, ["--keepalive"]),
     "hang_s": (2.5, ["--hang-s", "2.5"]),
     "api_key": ("sk-from-env", ["--api-key-env", "SIM_KEY"]),
+    "embedding_dim": (32, ["--embedding-dim", "32"]),
 }
 
 

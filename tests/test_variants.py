@@ -84,7 +84,7 @@ seed = 7
     ("[sweep]\nbaseline = \"y\"\n[[sweep.variant]]\nname = \"x\"\n", "line 16, key 'sweep.baseline'",
      "'y' is not a variant; the variants are: x"),
     ("[[sweep.variant]]\ntemperature = \"hot\"\n", "key 'sweep.variant[0].temperature'", "'hot'"),
-    ("[[sweep.variant]]\nendpoint = \"embeddings\"\n", "key 'sweep.variant[0].endpoint'", "embeddings"),
+    ("[[sweep.variant]]\nendpoint = \"edits\"\n", "key 'sweep.variant[0].endpoint'", "edits"),
 ])
 def test_a_mistake_in_the_sweep_is_one_line_with_its_place(tmp_path: Path, sweep: str, where: str,
                                                           message: str) -> None:

@@ -26,7 +26,7 @@ from typing import Any
 import orjson
 from starlette.types import Receive, Scope, Send
 
-from batch.simulator import bodies, faults, replies
+from batch.simulator import bodies, embeddings, faults, replies, structured
 from batch.simulator.replies import Reply
 from batch.simulator.settings import SimConfig, public_config
 from batch.simulator.state import SimState
@@ -138,11 +138,17 @@ def parse(sim: SimState, raw: bytes, chat: bool) -> _Request | _Refusal:
     digests = [replies.digest(body, i) for i in range(n)]
     sim.count_seen(digests[0][:16])
     sim.note_params(body)
-    answers = [replies.answer(body, d, max_tokens) for d in digests]
+    schema = structured.schema_of(body)
+    if schema is None:
+        answers = [replies.answer(body, d, max_tokens) for d in digests]
+    else:
+        asked = sim.count_asked(digests[0][:16])
+        rate = sim.config.invalid_output_rate
+        answers = [structured.structured_reply(schema, d, asked, rate, max_tokens) for d in digests]
     return _Request(chat, body, n, max_tokens, digests, answers, replies.count_prompt_tokens(body))
 
 
-def admit(sim: SimState, request: _Request) -> _Headers | _Refusal:
+def admit(sim: SimState, request: _Request | embeddings.EmbedRequest) -> _Headers | _Refusal:
     """The context length, then the rate window; the rate-limit headers to answer with."""
     config = sim.config
     if config.context_tokens is not None and request.reserve > config.context_tokens:
@@ -193,6 +199,9 @@ class SimApp:
         if chat is not None:
             await self._complete(scope, receive, send, chat)
             return
+        if route == ("POST", "/v1/embeddings"):
+            await self._embed(scope, receive, send)
+            return
         handler = self._routes.get(route)
         if handler is None:
             await _send(send, 404, bodies.error_body(404, f"no route {scope['path']}"))
@@ -236,6 +245,35 @@ class SimApp:
         body = {"object": "list", "data": [{"id": "sim-model", "object": "model", "owned_by": "promptmill"}]}
         await _send(send, 200, orjson.dumps(body))
 
+    # --- embeddings ---
+
+    async def _embed(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """authorize -> parse -> admit -> fault -> answer, as for a completion (no streams)."""
+        sim = self.sim
+        sim.requests += 1
+        sim.count(sim.by_endpoint, "embeddings")
+        step: embeddings.EmbedRequest | _Headers | _Refusal | None = authorize(sim, scope)
+        if step is None:
+            try:
+                request = embeddings.parse(await _read_body(receive), sim.config.embedding_dim)
+            except (embeddings.BadEmbedRequest, _BadRequest) as exc:
+                step = _refuse(400, str(exc))
+            else:
+                step = admit(sim, request)
+                if not isinstance(step, _Refusal):
+                    fault = await self._fault(receive, send)
+                    if fault != "done":
+                        if sim.config.latency_ms > 0:
+                            await self.sleep(sim.config.latency_ms / 1000)
+                        sim.count(sim.by_status, "200")
+                        await _send(send, 200, faults.break_body(embeddings.answer(request), fault), step)
+                        if fault is None:
+                            sim.count_answered(request.prompt_tokens, 0)
+                    return
+        assert isinstance(step, _Refusal)
+        sim.count(sim.by_status, str(step.status))
+        await _send(send, step.status, step.body, step.headers, step.content_type)
+
     # --- completions ---
 
     async def _complete(self, scope: Scope, receive: Receive, send: Send, chat: bool) -> None:
@@ -247,10 +285,9 @@ class SimApp:
             await self._handle(scope, receive, send, chat)
         except asyncio.CancelledError:
             # The server is stopping under a request that sleeps (latency, a stream, a hang):
-            # drop its connection quietly rather than let uvicorn answer 500 and log a traceback.
-            if not faults.abort(receive):
-                raise
-            await faults.wait_disconnect(receive)
+            # its connection is dropped, not answered with a 500 (if its answer had not started).
+            await faults.drop(send)
+            raise
         finally:
             sim.in_flight -= 1
 
@@ -290,10 +327,7 @@ class SimApp:
             await _send(send, status, body, content_type=b"text/html" if fault == "502" else b"application/json")
             return "done"
         if fault == "reset":
-            if not faults.abort(receive):
-                raise ConnectionResetError("simulated connection reset")
-            await faults.wait_disconnect(receive)
-            return "done"
+            await faults.drop(send)
         if fault == "hang":
             await faults.hold(receive, sim.config.hang_s)
             return None  # the client is gone, or it waited it out and gets its answer

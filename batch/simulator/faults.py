@@ -6,14 +6,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import socket
-import struct
 
-from starlette.types import Receive
+from starlette.types import Receive, Send
 
 from batch.simulator.settings import SimConfig
 
-__all__ = ["abort", "break_body", "break_events", "pick", "wait_disconnect"]
+__all__ = ["Dropped", "break_body", "break_events", "drop", "pick", "wait_disconnect"]
 
 BAD_GATEWAY_HTML = (
     b"<html><head><title>502 Bad Gateway</title></head>"
@@ -57,19 +55,19 @@ async def hold(receive: Receive, seconds: float) -> None:
         await asyncio.wait_for(wait_disconnect(receive), seconds)
 
 
-def abort(receive: Receive) -> bool:
-    """Drop the connection with a TCP reset, no response at all.
+class Dropped(ConnectionResetError):
+    """Raised by the app to drop a connection: uvicorn closes a connection whose app raised."""
 
-    ASGI has no reset, so this is the one place that reaches under it: uvicorn's
-    request cycle (the owner of ``receive``) holds the transport. Returns False
-    when the server is not one we know how to reach into.
+
+async def drop(send: Send) -> None:
+    """The "reset" fault: the connection closes with no usable answer.
+
+    ASGI has no way to send a TCP reset, and reaching under it into the server's
+    transport would tie the simulator to one server's private objects. So the
+    answer starts, promising a body, and the app raises: uvicorn closes the
+    connection at once, before a byte of the body. The client sees what it sees
+    of a reset: the connection gone in the middle of an answer.
     """
-    transport = getattr(getattr(receive, "__self__", None), "transport", None)
-    if transport is None:
-        return False
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    transport.abort()
-    return True
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", b"4096")]})
+    raise Dropped("simulated connection reset")

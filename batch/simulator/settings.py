@@ -65,6 +65,8 @@ class SimConfig(msgspec.Struct, kw_only=True):
     faults: Annotated[tuple[FaultKind, ...], _doc(
         f"comma-separated fault kinds (default {','.join(FAULT_KINDS)})")] = FAULT_KINDS  # type: ignore[assignment]
     seed: Annotated[int, _doc("seed of the fault RNG", flag="--fault-seed")] = 0
+    invalid_output_rate: Annotated[_Share, _doc(
+        "share of answers to a request carrying a JSON schema that break it (0..1)")] = 0.0
     fatal_status: Annotated[_ErrorStatus | None, _doc(
         "answer every request with this status (e.g. 401)")] = None
     fatal_after: Annotated[_Count, _doc(
@@ -79,6 +81,8 @@ class SimConfig(msgspec.Struct, kw_only=True):
         "how long the 'hang' fault holds a request (default %(default)s)")] = 30.0
     api_key: Annotated[str | None, _doc(
         "require the API key held in this environment variable", flag="--api-key-env")] = None
+    embedding_dim: Annotated[Annotated[int, Meta(gt=0, le=8192)], _doc(
+        "length of the vectors /v1/embeddings answers with (a request's 'dimensions' wins; default %(default)s)")] = 8
 
     def __post_init__(self) -> None:
         for name in _FIELDS:

@@ -43,6 +43,7 @@ class SimState:
         self.in_flight = 0
         self.max_in_flight = 0
         self.seen: set[bytes] = set()
+        self.asked: dict[bytes, int] = {}  # requests carrying a schema: how often each came
         self.repeats = 0
         self.window = SlidingWindow()
         self.rng = random.Random(self.config.seed)
@@ -97,6 +98,11 @@ class SimState:
             self.repeats += 1
         else:
             self.seen.add(request_key)
+
+    def count_asked(self, request_key: bytes) -> int:
+        """How many times (this one included) a request carrying a schema came."""
+        asked = self.asked[request_key] = self.asked.get(request_key, 0) + 1
+        return asked
 
     def count_answered(self, prompt_tokens: int, completion_tokens: int) -> None:
         self.completed += 1

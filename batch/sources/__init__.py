@@ -28,10 +28,11 @@ import pyarrow as pa  # type: ignore[import-untyped,unused-ignore]
 from batch.records import Row
 from batch.sources.base import FileSource, check_file
 from batch.sources.jsonl import JsonlSource
+from batch.sources.openai_batch import OpenAIBatchSource
 from batch.sources.parquet import ParquetSource
 from batch.spec import InputSpec
 
-__all__ = ["FORMATS", "JsonlSource", "ParquetSource", "Source", "detect_format", "open_source"]
+__all__ = ["FORMATS", "JsonlSource", "OpenAIBatchSource", "ParquetSource", "Source", "detect_format", "open_source"]
 
 
 class Source(Protocol):
@@ -56,11 +57,13 @@ class Source(Protocol):
 
 
 #: Every input format by its name in ``input.format``. With ``"auto"`` the first
-#: whose ``suffixes`` hold the file's ending wins, else the first whose ``magic``
-#: opens the file, else JSONL.
+#: that ``claims`` a file ending like JSONL (or with no ending) by its content wins,
+#: else the first whose ``suffixes``
+#: hold the file's ending, else the first whose ``magic`` opens the file, else JSONL.
 FORMATS: dict[str, type[FileSource]] = {
     "parquet": ParquetSource,
     "jsonl": JsonlSource,
+    "openai_batch": OpenAIBatchSource,
 }
 _FALLBACK = "jsonl"
 
@@ -71,6 +74,10 @@ def detect_format(spec: InputSpec) -> str:
         return spec.format
     path = Path(spec.path)
     suffix = path.suffix.lower()
+    if suffix in FORMATS["jsonl"].suffixes or not suffix:
+        for name, source in FORMATS.items():
+            if source.claims(path):
+                return name
     for name, source in FORMATS.items():
         if suffix in source.suffixes:
             return name

@@ -87,6 +87,11 @@ class FileSource(ABC):
     passthrough_schema: pa.Schema
     id_column: str | None
 
+    @classmethod
+    def claims(cls, path: Path) -> bool:
+        """Whether ``path`` is of this format by its content, whatever its ending (``"auto"`` asks first)."""
+        return False
+
     def __init__(self, spec: InputSpec) -> None:
         self.spec = spec
         self.path = Path(spec.path)

@@ -13,7 +13,7 @@ from typing import BinaryIO
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from batch.arrowutil import hashes_repeat
+from batch.arrowutil import hashes_repeat, nulls_of
 from batch.errors import DiskError, OutputError
 from batch.store.atomic import atomic_write
 from batch.store.checks import output_target
@@ -47,13 +47,17 @@ def _conform(table: pa.Table, schema: pa.Schema, path: Path) -> pa.Table:
             col = table[f.name]
             try:
                 arrays.append(col.cast(f.type) if col.type != f.type else col)
-            except pa.ArrowInvalid:
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                if f.metadata and f.metadata.get(b"promptmill") == b"parsed":
+                    # the schema changed since: those rows' fingerprints changed too, so they are redone
+                    arrays.append(nulls_of(table.num_rows, f.type))
+                    continue
                 raise OutputError(
                     f"column '{f.name}' of earlier progress has type {col.type}, now {f.type}; rerun with --fresh",
                     path=path,
                 ) from None
         else:
-            arrays.append(pa.nulls(table.num_rows, f.type))
+            arrays.append(nulls_of(table.num_rows, f.type))
     return pa.Table.from_arrays(arrays, schema=schema)
 
 

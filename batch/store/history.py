@@ -18,7 +18,7 @@ from batch.store.parts import _is_part_ipc, _read_ipc, sources
 __all__ = ["HISTORY_COLUMNS", "earlier_rows", "empty_history"]
 
 #: the columns read (``variant`` is filled from ``model`` for an output written before sweeps)
-HISTORY_COLUMNS = ("id", "request_fingerprint", "status", "model", "variant",
+HISTORY_COLUMNS = ("id", "request_fingerprint", "status", "model", "variant", "params",
                    "prompt_tokens", "completion_tokens", "cost_usd", "latency_s")
 
 _TYPES = {"prompt_tokens": pa.int64(), "completion_tokens": pa.int64(),

@@ -29,19 +29,17 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
-from batch.arrowutil import read_parquet_columns
+from batch.arrowutil import array_of, read_parquet_columns
 from batch.errors import DiskError, OutputError
 from batch.records import Result
 from batch.store.atomic import atomic_write
-from batch.store.schema import RESULT_FIELDS, RESULT_NAMES
+from batch.store.schema import EXTRA_FIELDS, RESULT_NAMES
 
 __all__ = ["PART_RE", "PartWriter", "next_run_number", "part_files", "parts_dir", "read_columns", "source_batches",
            "sources"]
 
 log = logging.getLogger(__name__)
 
-# Result attributes that map 1:1 onto columns of the same name
-_DIRECT = tuple(n for n in RESULT_NAMES if n != "request_fingerprint")
 PART_RE = re.compile(r"^run-(\d{4,})-part-(\d{6,})\.(?:arrow|parquet)$")
 _IPC_OPTIONS = ipc.IpcWriteOptions(compression="zstd")
 # what building a column raises for a value it cannot hold (an int beyond 64 bits, a lone surrogate)
@@ -126,7 +124,14 @@ class PartWriter:
         self.run = run
         self._folder = parts_dir(output)
         self._folder.mkdir(parents=True, exist_ok=True)
-        self._passthrough = [f.name for f in schema if f.name != "id" and f.name not in RESULT_NAMES]
+        # id, the pass-through columns, the result columns, then those some jobs ask for (EXTRA_FIELDS,
+        # set from the Result) or (a structured job) the parsed answer's (from ``Result.columns``)
+        first = schema.get_field_index(RESULT_NAMES[0])
+        self._passthrough = schema.names[1:first]
+        after = schema.names[first + len(RESULT_NAMES):]
+        self._results = (*RESULT_NAMES, *(n for n in after if n in EXTRA_FIELDS))
+        self._direct = tuple(n for n in self._results if n != "request_fingerprint")
+        self._extra = [n for n in after if n not in EXTRA_FIELDS]
         self._part = 0
         self.rows_flushed = 0
         self.unwritten: list[pa.Table] = []
@@ -135,7 +140,8 @@ class PartWriter:
     def _reset(self) -> None:
         self._ids: list[str] = []
         self._pass: dict[str, list[Any]] = {n: [] for n in self._passthrough}
-        self._cols: dict[str, list[Any]] = {n: [] for n in RESULT_NAMES}
+        self._cols: dict[str, list[Any]] = {n: [] for n in self._results}
+        self._more: dict[str, list[Any]] = {n: [] for n in self._extra}
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -146,9 +152,13 @@ class PartWriter:
         for name, col in self._pass.items():
             col.append(values.get(name))
         cols = self._cols
-        for name in _DIRECT:
+        for name in self._direct:
             cols[name].append(getattr(result, name))
         cols["request_fingerprint"].append(result.fingerprint)
+        if self._extra:
+            more = result.columns or {}
+            for name, col in self._more.items():
+                col.append(more.get(name))
 
     def take(self) -> pa.Table | None:
         """Swap out the buffer as a table (on the event loop), to be written by :meth:`write`.
@@ -169,8 +179,9 @@ class PartWriter:
 
     def _table(self) -> pa.Table:
         arrays = [pa.array(self._ids, pa.string())]
-        arrays += [pa.array(self._pass[f.name], f.type) for f in self.schema if f.name in self._pass]
-        arrays += [pa.array(self._cols[f.name], f.type) for f in RESULT_FIELDS]
+        arrays += [pa.array(self._pass[name], self.schema.field(name).type) for name in self._passthrough]
+        arrays += [pa.array(self._cols[name], self.schema.field(name).type) for name in self._results]
+        arrays += [array_of(self._more[name], self.schema.field(name).type) for name in self._extra]
         return pa.Table.from_arrays(arrays, schema=self.schema)
 
     def _fail_unstorable_rows(self) -> None:
@@ -178,9 +189,9 @@ class PartWriter:
         types = {f.name: f.type for f in self.schema}
         for i in range(len(self._ids)):
             bad = None
-            for name, col in (("id", self._ids), *self._pass.items(), *self._cols.items()):
+            for name, col in (("id", self._ids), *self._pass.items(), *self._cols.items(), *self._more.items()):
                 try:
-                    pa.array([col[i]], types[name])
+                    array_of([col[i]], types[name])
                 except _UNSTORABLE as exc:
                     bad = (name, col[i], type(exc).__name__)
                     break
@@ -199,9 +210,11 @@ class PartWriter:
                 except _UNSTORABLE:
                     col[i] = None
             cols = self._cols
-            for cname in RESULT_NAMES:
+            for cname in self._results:
                 if cname not in _KEPT_ON_FAILURE:
                     cols[cname][i] = None
+            for col in self._more.values():
+                col[i] = None
             cols["status"][i] = "failed"
             cols["error_code"][i] = "bad_response"
             cols["error"][i] = reason

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import pyarrow as pa
 
-__all__ = ["METADATA_KEY", "RESULT_FIELDS", "RESULT_NAMES", "output_schema"]
+__all__ = ["EXTRA_FIELDS", "METADATA_KEY", "RESULT_FIELDS", "RESULT_NAMES", "output_schema"]
 
 #: The result columns, in output order, after the id and the pass-through columns.
 RESULT_FIELDS: tuple[pa.Field, ...] = (
@@ -41,11 +41,24 @@ RESULT_FIELDS: tuple[pa.Field, ...] = (
 )
 RESULT_NAMES = tuple(f.name for f in RESULT_FIELDS)
 
+#: Result columns written only when a job asks for them, after the others: ``embedding``
+#: (an embeddings job, or an OpenAI batch file), ``response_body`` and ``request_id``
+#: (an ``openai_batch`` output: the answer's JSON body as the server sent it, and its
+#: ``x-request-id`` header).
+EXTRA_FIELDS: dict[str, pa.Field] = {
+    "embedding": pa.field("embedding", pa.list_(pa.float32())),
+    "response_body": pa.field("response_body", pa.string()),
+    "request_id": pa.field("request_id", pa.string()),
+}
+
 #: the key of the job's identity and settings in the output's Parquet metadata
 METADATA_KEY = b"promptmill.job"
 
 
-def output_schema(passthrough: pa.Schema, metadata: Mapping[bytes, bytes] | None = None) -> pa.Schema:
-    """The output's fixed schema: ``id``, the pass-through columns, then the result columns."""
-    fields = [pa.field("id", pa.string()), *passthrough, *RESULT_FIELDS]
+def output_schema(passthrough: pa.Schema, metadata: Mapping[bytes, bytes] | None = None,
+                  extra: Sequence[pa.Field] = ()) -> pa.Schema:
+    """The output's schema: ``id``, the pass-through columns, the result columns, then ``extra``:
+    those of :data:`EXTRA_FIELDS` a job asks for, or a structured job's parsed answer (filled from
+    ``Result.columns``)."""
+    fields = [pa.field("id", pa.string()), *passthrough, *RESULT_FIELDS, *extra]
     return pa.schema(fields, metadata=dict(metadata) if metadata else None)
