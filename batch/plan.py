@@ -50,6 +50,7 @@ class VariantPlan:
     price: Price | None
     rows_to_send: int = 0
     rows_done: int = 0
+    requests_to_send: int = 0  # rows_to_send, or fewer with sample_mode = "n" (a request answers n rows)
     prompt_tokens_raw: int = 0  # the estimator's figure, before calibration
     output_ceiling: int = 0  # max_tokens * n, summed
     calibration: float | None = None  # real / estimated prompt tokens, from an earlier output
@@ -166,9 +167,10 @@ def make_plan(spec: JobSpec, output: Path, *, fresh: bool = False, retry_failed:
                 est_sum[v.model] = est_sum.get(v.model, 0) + request.est_prompt_tokens
                 real_sum[v.model] = real_sum.get(v.model, 0) + got
             if index is not None and (fanout.resume_key(row.id, v.name, request.sample), request.fingerprint) in index:
-                vp.rows_done += 1  # the resume index holds its key and fingerprint: a run skips it
+                vp.rows_done += request.choices  # the resume index holds its key and fingerprint: a run skips it
                 continue
-            vp.rows_to_send += 1
+            vp.rows_to_send += request.choices  # sample_mode = "n": one request, n rows
+            vp.requests_to_send += 1
             vp.prompt_tokens_raw += request.est_prompt_tokens
             vp.output_ceiling += answer_tokens(request.body)
     _expected(plans, history, est_sum, real_sum)
@@ -209,7 +211,7 @@ def _targets(spec: JobSpec, plan: Plan) -> list[TargetPlan]:
     out = []
     for name, target in by_name.items():
         vps = [vp for vp in plan.variants if vp.target == name]
-        requests = sum(vp.rows_to_send for vp in vps)
+        requests = sum(vp.requests_to_send for vp in vps)
         tokens = sum(vp.prompt_tokens + vp.output_ceiling for vp in vps)
         rpm = target.rpm if target.rpm is not None else spec.limits.rpm
         tpm = target.tpm if target.tpm is not None else spec.limits.tpm

@@ -22,7 +22,7 @@ def _sum(values: list[float | None]) -> float | None:
 def _variant(vp: VariantPlan) -> dict[str, Any]:
     return {
         "name": vp.name, "model": vp.model, "target": vp.target,
-        "rows_to_send": vp.rows_to_send, "rows_done": vp.rows_done,
+        "rows_to_send": vp.rows_to_send, "rows_done": vp.rows_done, "requests_to_send": vp.requests_to_send,
         "prompt_tokens_estimated": vp.prompt_tokens,
         "prompt_tokens_calibration": None if vp.calibration is None else round(vp.calibration, 4),
         "output_tokens_ceiling": vp.output_ceiling,

@@ -135,6 +135,9 @@ def _check_schema_fits(spec: JobSpec, located: Located) -> None:
     if any(v.target.endpoint == "embeddings" for v in spec.variants()):
         raise located.error("a schema checks text answers, and the embeddings endpoint answers vectors: "
                             "drop [output] schema or use endpoint = \"chat\" or \"completions\"", key)
+    if spec.sweep is not None and spec.sweep.sample_mode == "n":
+        raise located.error('a schema checks one answer a request, and sample_mode = "n" asks for several: '
+                            'use sample_mode = "separate" with a schema', ("sweep", "sample_mode"))
     batch_file = "output" if spec.output.format == "openai_batch" else "input" if _input_format(spec) == "openai_batch" else None
     if batch_file is not None:
         raise located.error(f"a schema cannot be used with an OpenAI batch file ({batch_file}): each line's body "

@@ -183,6 +183,9 @@ class _Builder:
         if spec.sweep is not None and spec.sweep.sample_mode == "n" and "n" in req.params():
             raise VariantProblem('sets n: with sample_mode = "n" the sweep sets n = samples', (*where, "n"))
         api: ApiSpec = _convert({**self.api, **{k: entry[k] for k in _TARGET_KEYS if k in entry}}, ApiSpec, where)
+        if spec.sweep is not None and spec.sweep.sample_mode == "n" and api.endpoint == "embeddings":
+            raise VariantProblem('the embeddings endpoint answers one vector a text: sample_mode = "n" asks for '
+                                 'several answers; use sample_mode = "separate"', (*where, "endpoint"))
         problem = api._problem()
         if problem is not None:
             raise VariantProblem(problem[1], (*where, problem[0]))

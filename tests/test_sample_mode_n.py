@@ -76,3 +76,40 @@ def test_a_sweep_in_n_mode_sends_one_request_per_row_and_variant_and_writes_a_ro
     # a rerun asks nothing: sample 0 done means all three are
     assert run_cli(capsys, "run", job, "--no-progress").code == 0
     assert len(sim.stats["params_seen"]) == len(ROWS) * 4
+
+
+def test_a_plan_of_an_n_mode_sweep_counts_one_request_per_row_and_variant_and_a_row_per_sample(
+        tmp_path: Path, sim: SimServer, capsys: pytest.CaptureFixture[str]) -> None:
+    job = sweep_job(tmp_path, sim)
+    job.write_text(job.read_text().replace("[sweep]\n", '[sweep]\nsample_mode = "n"\n'))
+    plan = run_cli(capsys, "plan", job, "--json", "-")
+    assert plan.code == 0, plan.err
+    doc = orjson.loads(plan.out)
+    assert sim.stats["requests"] == 0
+    assert {(v["rows_to_send"], v["requests_to_send"]) for v in doc["variants"]} == {(len(ROWS) * 3, len(ROWS))}
+    # the answer's ceiling is max_tokens x n, once per request
+    assert {v["output_tokens_ceiling"] for v in doc["variants"]} == {len(ROWS) * 16 * 3}
+    assert run_cli(capsys, "run", job, "--no-progress").code == 0
+    assert len(sim.stats["params_seen"]) == sum(v["requests_to_send"] for v in doc["variants"])
+    again = orjson.loads(run_cli(capsys, "plan", job, "--json", "-").out)
+    assert {(v["rows_to_send"], v["rows_done"], v["requests_to_send"]) for v in again["variants"]} == \
+        {(0, len(ROWS) * 3, 0)}
+
+
+@pytest.mark.parametrize(("section", "key", "said"), [
+    ("[output.schema]\ntype = \"object\"\n", "sweep.sample_mode", "a schema checks one answer a request"),
+    ("", "endpoint", "the embeddings endpoint answers one vector a text"),
+])
+def test_n_mode_with_a_schema_or_embeddings_is_refused_in_one_line(
+        tmp_path: Path, sim: SimServer, capsys: pytest.CaptureFixture[str], section: str, key: str,
+        said: str) -> None:
+    job = sweep_job(tmp_path, sim)
+    text = job.read_text().replace("[sweep]\n", '[sweep]\nsample_mode = "n"\n')
+    text = text.replace("[api]\n", f"{section}[api]\n" if section else '[api]\nendpoint = "embeddings"\n')
+    job.write_text(text)
+    result = run_cli(capsys, "run", job, "--no-progress")
+    assert result.code == 2
+    lines = result.err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.err
+    assert said in lines[0] and key in lines[0] and "job.toml" in lines[0]
+    assert sim.stats["requests"] == 0 and not (tmp_path / "out.parquet").exists()
