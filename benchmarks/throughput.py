@@ -794,7 +794,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 s = SCENARIOS[name]
                 rows = sizes[name]
                 input_path = Path(_in_child("_make_input", "--output", str(workdir), "--rows", str(rows)))
-                runners = ["promptmill", "promptmill+schema"] if args.schema else ["promptmill"]
+                # the schema's overhead is measured on plain jobs (a sweep scenario is its own comparison)
+                runners = ["promptmill", "promptmill+schema"] if args.schema and s.sweep is None else ["promptmill"]
                 if s.baseline and not args.no_baseline and rows <= args.baseline_max_rows:
                     runners.append("baseline")
                 if s.latency_ms > 0 and not args.no_raw:
