@@ -7,6 +7,7 @@ ray is not installed (``pip install -e '.[ray]'``); CI installs it.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -24,9 +25,8 @@ from batch.simulator import SimServer
 from batch.store import parts_dir
 from tests.helpers import prompts, write_parquet
 
-pytest.importorskip("ray", reason="the [ray] extra is not installed")
-
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
+needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="the [ray] extra is not installed")
 
 SECRET = "sk-ray-engine-0123456789abcdef"
 WORKERS = 4
@@ -75,6 +75,7 @@ def assert_every_row_once_and_ok(tmp_path: Path, rows: int) -> None:
     assert Counter(r["status"] for r in got) == {"ok": rows}
 
 
+@needs_ray
 def test_four_workers_answer_every_row_once_with_the_key_from_the_environment(
         sim: SimServer, tmp_path: Path) -> None:
     sim.configure(api_key=SECRET)  # the workers must have the key, which reaches them through Ray
@@ -94,6 +95,7 @@ def test_four_workers_answer_every_row_once_with_the_key_from_the_environment(
     assert not parts_dir(tmp_path / "out" / "res.parquet").exists()
 
 
+@needs_ray
 def test_the_cluster_keeps_to_the_rate_limit_it_is_told(sim: SimServer, tmp_path: Path) -> None:
     # the server allows 60 requests in any 2 s (1,800 a minute); the job is told 1,800 rpm
     sim.configure(rpm=60, window_s=2.0)
@@ -105,6 +107,7 @@ def test_the_cluster_keeps_to_the_rate_limit_it_is_told(sim: SimServer, tmp_path
     assert sim.stats["requests"] == 300
 
 
+@needs_ray
 def test_every_row_ends_ok_with_a_fifth_of_requests_failing(sim: SimServer, tmp_path: Path) -> None:
     sim.configure(fault_rate=0.2, hang_s=1.0)
     job = job_file(tmp_path, sim, 1000)
@@ -114,6 +117,7 @@ def test_every_row_ends_ok_with_a_fifth_of_requests_failing(sim: SimServer, tmp_
     assert sum(sim.stats["by_fault"].values()) > 100  # the faults happened, and were retried
 
 
+@needs_ray
 def test_a_killed_driver_rerun_writes_every_row_once(sim: SimServer, tmp_path: Path) -> None:
     sim.configure(latency_ms=50)
     rows = 1000
@@ -142,6 +146,7 @@ def test_a_killed_driver_rerun_writes_every_row_once(sim: SimServer, tmp_path: P
     assert sim.stats["requests"] - rows <= WORKERS * 64
 
 
+@needs_ray
 def test_a_fatal_answer_stops_every_worker_with_exit_3(sim: SimServer, tmp_path: Path) -> None:
     sim.configure(api_key=SECRET, fatal_status=401, fatal_after=100)
     job = job_file(tmp_path, sim, 2000)
@@ -153,3 +158,19 @@ def test_a_fatal_answer_stops_every_worker_with_exit_3(sim: SimServer, tmp_path:
     assert sim.stats["requests"] < 400
     got = output_rows(tmp_path)
     assert len(got) <= 100 and {r["status"] for r in got} == {"ok"}
+
+
+@pytest.mark.parametrize(("extra", "refused"), [
+    ('[sweep]\nsamples = 2\n', "sweeps (several variants, samples or scores)"),
+    ("", "budgets (limits.budget_usd)"),
+])
+def test_what_the_ray_engine_does_not_run_yet_is_refused_in_one_line(
+        sim: SimServer, tmp_path: Path, extra: str, refused: str) -> None:
+    job = job_file(tmp_path, sim, 10)
+    job.write_text(job.read_text() + extra)
+    args = [] if extra else ["--budget-usd", "1"]
+    code, _, err = finished(promptmill(job, *args))
+    assert code == 2, err
+    assert err.strip().splitlines()[-1] == (
+        f"promptmill: the Ray engine does not support {refused} yet; run this job with --engine local")
+    assert sim.stats["requests"] == 0 and not (tmp_path / "out" / "res.parquet").exists()

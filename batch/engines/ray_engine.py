@@ -71,12 +71,14 @@ def check_supported(spec: JobSpec, opts: RunOptions) -> None:
 
 def run_ray_job(spec: JobSpec, opts: RunOptions | None = None, address: str | None = None) -> Summary:
     """Run one job on Ray to the end (or to a stop) and return its summary."""
-    restore_skipped_modules()  # the command marked pyarrow's cloud filesystems absent; Ray Data reads through them
-    import ray
-
     opts = opts or RunOptions()
     started = time.perf_counter()
     check_supported(spec, opts)
+    restore_skipped_modules()  # the command marked pyarrow's cloud filesystems absent; Ray Data reads through them
+    try:
+        import ray
+    except ImportError:
+        raise UsageError("the Ray engine needs Ray: pip install 'promptmill[ray]'") from None
     api_key = check_api(spec)
     base_url = _base_url(spec, opts)
     output = spec.output_path(opts.date)
