@@ -23,7 +23,7 @@ import pytest
 
 from batch.simulator import SimServer
 from batch.store import parts_dir
-from tests.helpers import prompts, write_parquet
+from tests.helpers import prompts, write_jsonl, write_parquet
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
 needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="the [ray] extra is not installed")
@@ -33,8 +33,11 @@ WORKERS = 4
 
 
 def job_file(tmp_path: Path, sim: SimServer, rows: int, *, rpm: float | None = None, concurrency: int = 32,
-             ray_table: bool = True) -> Path:
-    inp = write_parquet(tmp_path / "in.parquet", prompts(rows))
+             ray_table: bool = True, jsonl: bool = False) -> Path:
+    if jsonl:
+        inp = write_jsonl(tmp_path / "in.jsonl", prompts(rows))
+    else:
+        inp = write_parquet(tmp_path / "in.parquet", prompts(rows))
     limits = f"rpm = {rpm}\n" if rpm is not None else ""
     engine = f'[engine]\nkind = "ray"\nworkers = {WORKERS}\ncpus_per_worker = 0.5\n' if ray_table else ""
     path = tmp_path / "job.toml"
@@ -110,7 +113,7 @@ def test_the_cluster_keeps_to_the_rate_limit_it_is_told(sim: SimServer, tmp_path
 @needs_ray
 def test_every_row_ends_ok_with_a_fifth_of_requests_failing(sim: SimServer, tmp_path: Path) -> None:
     sim.configure(fault_rate=0.2, hang_s=1.0)
-    job = job_file(tmp_path, sim, 1000)
+    job = job_file(tmp_path, sim, 1000, jsonl=True)  # read_json this time
     code, _, err = finished(promptmill(job))
     assert code == 0, err
     assert_every_row_once_and_ok(tmp_path, 1000)

@@ -109,7 +109,7 @@ def run_ray_job(spec: JobSpec, opts: RunOptions | None = None, address: str | No
             else:
                 _join(address, env)
             try:
-                _drive(spec, summary, store, base_url, opts)
+                _drive(spec, summary, store, base_url, opts, reader.num_rows)
             finally:
                 summary.rows_failed_kept = store.index.failed_skipped
                 summary.wall_s = time.perf_counter() - started
@@ -149,7 +149,17 @@ def _join(address: str, env: dict[str, str]) -> None:
         raise UsageError(f"cannot join the Ray cluster at {address} (--ray-address): {exc}") from None
 
 
-def _drive(spec: JobSpec, summary: Summary, store: OutputStore, base_url: str, opts: RunOptions) -> None:
+def _block_rows(per_worker: int, workers: int, rows: int | None) -> int:
+    """Rows a block holds: enough to keep a worker's requests in flight, few enough that
+    every worker gets at least two blocks of a small input."""
+    most = per_worker * _ROWS_PER_REQUEST_SLOT
+    if rows is None:
+        return most
+    return max(per_worker, min(most, -(-rows // (2 * workers))))
+
+
+def _drive(spec: JobSpec, summary: Summary, store: OutputStore, base_url: str, opts: RunOptions,
+           rows: int | None) -> None:
     """The limiter actor, the dataset, the actor pool; adds each block's summary to ``summary``."""
     import ray
     import ray.data
@@ -170,9 +180,9 @@ def _drive(spec: JobSpec, summary: Summary, store: OutputStore, base_url: str, o
     if fmt == "parquet":
         ds = ray.data.read_parquet(path, filesystem=fs)
     else:
-        ds = ray.data.read_json(path, lines=True, filesystem=fs)
+        ds = ray.data.read_json(path, lines=True)
     # blocks of a worker's size, streamed: every worker gets some, however few files the input is
-    block_rows = per_worker * _ROWS_PER_REQUEST_SLOT
+    block_rows = _block_rows(per_worker, engine.workers, rows)
     ds = ds.repartition(target_num_rows_per_block=block_rows)
     ds = ds.map_batches(
         BlockWorker, batch_size=block_rows, batch_format="pyarrow",
