@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from types import ModuleType
 from typing import Any, NoReturn
 
-__all__ = ["compute", "event_loop_options", "exit_at_once", "tuned_process"]
+__all__ = ["compute", "event_loop_options", "exit_at_once", "restore_skipped_modules", "tuned_process"]
 
 
 @contextmanager
@@ -66,6 +66,16 @@ def _skip_unused_modules() -> None:
         names += ["pyarrow._s3fs", "pyarrow._gcsfs", "pyarrow._hdfs", "pyarrow._azurefs"]
     for name in names:
         sys.modules.setdefault(name, None)  # type: ignore[arg-type]
+
+
+def restore_skipped_modules() -> None:
+    """Undo :func:`_skip_unused_modules` for a job that needs them after all (Ray Data reads
+    through pyarrow's cloud filesystems): unmark them and load ``pyarrow.fs`` again."""
+    skipped = [name for name, module in list(sys.modules.items()) if module is None]
+    for name in skipped:
+        del sys.modules[name]
+    if any(name.startswith("pyarrow.") for name in skipped) and "pyarrow.fs" in sys.modules:
+        importlib.reload(sys.modules["pyarrow.fs"])
 
 
 def _use_jemalloc() -> None:

@@ -123,6 +123,10 @@ def _add_run_parser(sub: Any, name: str = "run") -> None:
     p.add_argument("--api-key-env", metavar="VAR", help="the environment variable holding the API key (default ATOMA_API_KEY)")
     p.add_argument("--allow-insecure-http", action="store_true", default=None,
                    help="allow sending the API key over plain http to a host that is not loopback")
+    p.add_argument("--engine", choices=["local", "ray"],
+                   help="where the job runs: local (one process, the default) or ray (pip install 'promptmill[ray]')")
+    p.add_argument("--ray-address", metavar="ADDR",
+                   help="with --engine ray: the Ray cluster to join (default: a local Ray for the job)")
     p.add_argument("--fresh", action="store_true", help="discard earlier progress for this output and start over")
     p.add_argument("--no-retry-failed", action="store_true", help="on a rerun, keep rows that failed before as they are")
     p.add_argument("--grace-period", type=float, default=30.0, metavar="S",
@@ -176,6 +180,8 @@ _OVERRIDES = {
     "embed_batch": "input.embed_batch",
     "budget_usd": "limits.budget_usd",
     "budget_per_variant": "limits.budget_per_variant",
+    "engine": "engine.kind",
+    "ray_address": "engine.address",
 }
 
 
@@ -209,7 +215,12 @@ def _run(args: argparse.Namespace) -> int:
     simulator = _start_simulator(spec)
     opts.base_url = simulator.base_url if simulator is not None else None
     try:
-        summary = anyio.run(run_job, spec, opts, backend_options=_startup.event_loop_options())
+        if spec.engine.kind == "ray":
+            from batch.engines.ray_engine import run_ray_job
+
+            summary = run_ray_job(spec, opts)
+        else:
+            summary = anyio.run(run_job, spec, opts, backend_options=_startup.event_loop_options())
     except JobStopped as exc:
         summary = opts.summary
         log.error("%s", exc)

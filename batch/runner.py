@@ -335,12 +335,17 @@ def _target_key(spec: JobSpec, target: Target, job_key: str | None) -> str | Non
     return check_api(msgspec.structs.replace(spec, api=api))
 
 
-async def _run(job: Job, reader: Source, api_key: str | None) -> None:
-    spec, opts = job.spec, job.opts
-    timeouts = Timeouts(
+def timeouts_of(spec: JobSpec) -> Timeouts:
+    """The client's timeouts, from ``[api]``."""
+    return Timeouts(
         connect=spec.api.connect_timeout_s, read=spec.api.read_timeout_s,
         write=spec.api.write_timeout_s, total=spec.api.request_timeout_s,
     )
+
+
+async def _run(job: Job, reader: Source, api_key: str | None) -> None:
+    spec, opts = job.spec, job.opts
+    timeouts = timeouts_of(spec)
     targets = job.fanout.targets
     async with contextlib.AsyncExitStack() as stack, anyio.create_task_group() as outer:
         lanes = []
@@ -376,10 +381,12 @@ async def _run(job: Job, reader: Source, api_key: str | None) -> None:
 
 
 async def _lane(job: Job, target: Target, timeouts: Timeouts, api_key: str | None,
-                stack: contextlib.AsyncExitStack) -> tuple[Client, Limiter, RetryPolicy]:
-    """One target's own client (connection pool), limiter and retry policy."""
+                stack: contextlib.AsyncExitStack, limiter: Limiter | None = None) -> tuple[Client, Limiter, RetryPolicy]:
+    """One target's own client (connection pool), limiter (``limiter``: one given, e.g. a Ray
+    worker's lease of the cluster's) and retry policy."""
     spec, opts = job.spec, job.opts
-    limiter = Limiter(target.rpm, target.tpm, clock=opts.clock, sleep=opts.sleep)
+    if limiter is None:
+        limiter = Limiter(target.rpm, target.tpm, clock=opts.clock, sleep=opts.sleep)
     policy = RetryPolicy(
         RetrySettings(
             max_attempts=spec.retry.max_attempts, initial_wait_s=spec.retry.initial_wait_s,

@@ -74,6 +74,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ApiSpec",
+    "EngineSpec",
     "InputSpec",
     "JobSpec",
     "LimitsSpec",
@@ -332,6 +333,15 @@ class RetrySpec(_Spec, frozen=True):
     outage_s: PositiveFloat = 300.0
 
 
+class EngineSpec(_Spec, frozen=True):
+    """Where the job runs: ``local`` (one process, the default) or ``ray`` (batch.engines.ray_engine)."""
+
+    kind: Literal["local", "ray"] = "local"
+    workers: PositiveInt = 2  # ray: worker actors, each with its share of limits.concurrency
+    cpus_per_worker: PositiveFloat = 1.0  # ray: CPUs each worker actor reserves
+    address: str | None = None  # ray: a cluster to join (``ray://...`` or ``auto``); None: a local Ray for the job
+
+
 class PriceSpec(_Spec, frozen=True):
     """USD per million tokens; ``cached_input`` left out of a job file is ``input``."""
 
@@ -353,6 +363,7 @@ class JobSpec(_Spec, frozen=True):
     pricing: dict[str, PriceSpec] = msgspec.field(default_factory=dict)
     simulator: dict[str, Any] | None = None
     sweep: SweepSpec | None = None
+    engine: EngineSpec = msgspec.field(default_factory=EngineSpec)
     source: Path | None = None
 
     @property

@@ -19,7 +19,7 @@ from batch.records import Row
 from batch.sources import ids
 from batch.sources.base import FileSource, RowProblem, check_messages
 
-__all__ = ["ParquetSource"]
+__all__ = ["ParquetSource", "arrow_rows"]
 
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
 
@@ -158,52 +158,62 @@ class ParquetSource(FileSource):
         return self._batches(batch_size)
 
     def _batches(self, batch_size: int) -> Iterator[list[Row]]:
-        spec = self.spec
-        value_columns = self.value_columns
-        mode = self.mode
         index = 0
         try:
             # one thread: reading ahead on every core costs memory and buys nothing here
             batches = self._pf.iter_batches(batch_size=batch_size, columns=self._needed(), use_threads=False)
             for rb in batches:
-                cols = dict(zip(rb.schema.names, rb.columns, strict=True))
-                bad: dict[int, RowProblem] = {}
-                row_ids: list[Any] | None = None  # str where the row has an id
-                if self.id_column is not None:
-                    _mark(bad, ids.null_rows(cols[self.id_column]), RowProblem(ids.NULL_ID, self.id_column))
-                    row_ids = ids.texts(cols[self.id_column])
-                prompts: list[Any] | None = None
-                messages: list[Any] | None = None
-                if mode == "prompt":
-                    arr = cols[spec.prompt_column]
-                    _mark(bad, ids.null_rows(arr), RowProblem("null prompt", spec.prompt_column))
-                    prompts = arr.to_pylist()
-                elif mode == "messages":
-                    assert spec.messages_column is not None
-                    messages = cols[spec.messages_column].to_pylist()
-                for name in self.template_columns:
-                    _mark(bad, ids.null_rows(cols[name]), RowProblem("null value used by prompt_template", name))
-                value_rows = list(zip(*(cols[c].to_pylist() for c in value_columns), strict=True)) if value_columns else None
-                rows: list[Row] = []
-                append = rows.append
-                for i in range(rb.num_rows):
-                    row_id = row_ids[i] if row_ids is not None else str(index)
-                    values = dict(zip(value_columns, value_rows[i], strict=True)) if value_rows is not None else _EMPTY
-                    problem = bad.get(i) if bad else None
-                    msgs = None
-                    if messages is not None and problem is None:
-                        try:
-                            msgs = check_messages(messages[i])
-                        except ValueError as exc:
-                            problem = RowProblem(str(exc), spec.messages_column)
-                    if problem is not None:
-                        append(self._problem(problem, index, index + 1, row_id, values))
-                    else:
-                        append(Row(index, index + 1, row_id, prompts[i] if prompts is not None else None, msgs, values))
-                    index += 1
+                rows = arrow_rows(self, rb, index)
+                index += len(rows)
                 yield rows
         except (pa.ArrowException, OSError) as exc:
             raise self._error(f"cannot read row {index + 1} onwards: the Parquet file is damaged ({exc})") from None
+
+
+def arrow_rows(source: FileSource, rb: pa.RecordBatch | pa.Table, index: int) -> list[Row]:
+    """The rows of one Arrow batch of ``source``'s input columns (``index``: the position of its first row).
+
+    Also what the Ray engine's workers make of a block Ray Data read (batch.engines.ray_worker).
+    """
+    spec = source.spec
+    value_columns = source.value_columns
+    mode = source.mode
+    cols = dict(zip(rb.schema.names, rb.columns, strict=True))
+    bad: dict[int, RowProblem] = {}
+    row_ids: list[Any] | None = None  # str where the row has an id
+    if source.id_column is not None:
+        _mark(bad, ids.null_rows(cols[source.id_column]), RowProblem(ids.NULL_ID, source.id_column))
+        row_ids = ids.texts(cols[source.id_column])
+    prompts: list[Any] | None = None
+    messages: list[Any] | None = None
+    if mode == "prompt":
+        arr = cols[spec.prompt_column]
+        _mark(bad, ids.null_rows(arr), RowProblem("null prompt", spec.prompt_column))
+        prompts = arr.to_pylist()
+    elif mode == "messages":
+        assert spec.messages_column is not None
+        messages = cols[spec.messages_column].to_pylist()
+    for name in source.template_columns:
+        _mark(bad, ids.null_rows(cols[name]), RowProblem("null value used by prompt_template", name))
+    value_rows = list(zip(*(cols[c].to_pylist() for c in value_columns), strict=True)) if value_columns else None
+    rows: list[Row] = []
+    append = rows.append
+    for i in range(rb.num_rows):
+        row_id = row_ids[i] if row_ids is not None else str(index)
+        values = dict(zip(value_columns, value_rows[i], strict=True)) if value_rows is not None else _EMPTY
+        problem = bad.get(i) if bad else None
+        msgs = None
+        if messages is not None and problem is None:
+            try:
+                msgs = check_messages(messages[i])
+            except ValueError as exc:
+                problem = RowProblem(str(exc), spec.messages_column)
+        if problem is not None:
+            append(source._problem(problem, index, index + 1, row_id, values))
+        else:
+            append(Row(index, index + 1, row_id, prompts[i] if prompts is not None else None, msgs, values))
+        index += 1
+    return rows
 
 
 def _mark(bad: dict[int, RowProblem], positions: list[int], problem: RowProblem) -> None:

@@ -1,0 +1,232 @@
+"""The same job on Ray Data: one driver, a pool of worker actors, one limiter actor.
+
+``promptmill run JOB --engine ray [--ray-address ADDR]`` (or ``[engine] kind = "ray"``).
+
+The driver (this module) checks the job as the local runner does (key, URL,
+input, output), opens the output store (its lock, identity and resume index),
+then starts a local Ray for the job (loopback only, no dashboard, logs in a
+temporary folder removed afterwards) or joins the cluster at ``--ray-address``.
+The API key reaches the workers in the runtime env's ``env_vars`` (never in a
+log line, an argument or the output). It starts one named
+:class:`~batch.engines.ray_limiter.ClusterLimiter` actor for the job, reads the
+input with Ray Data (``read_parquet`` / ``read_json``) and hands its blocks to
+an actor pool of :class:`~batch.engines.ray_worker.BlockWorker` (``map_batches``),
+each running promptmill's own pipeline. Workers write durable parts through the
+output store; the driver adds up their summaries and, at the end, assembles
+the output as the local engine does (same schema, summary and exit codes).
+
+What it does not do yet is refused in one line before anything is sent (see :func:`check_supported`).
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import shutil
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any, cast
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from batch._startup import restore_skipped_modules
+from batch.errors import JobStopped, PromptmillError, UsageError
+from batch.runner import (
+    RunOptions,
+    _base_url,
+    _metadata,
+    _with_columns_read,
+    check_api,
+    job_identity,
+)
+from batch.sources import open_source
+from batch.spec import JobSpec
+from batch.store import OutputStore, next_run_number, output_schema
+from batch.summary import Summary
+
+__all__ = ["check_supported", "run_ray_job"]
+
+log = logging.getLogger(__name__)
+
+_NAMESPACE = "promptmill"
+_ROWS_PER_REQUEST_SLOT = 16  # a block holds this many rows for each request a worker has in flight
+
+
+def check_supported(spec: JobSpec, opts: RunOptions) -> None:
+    """Refuse, in one line, what the Ray engine does not run yet (nothing is sent)."""
+    unsupported = []
+    if spec.is_sweep or spec.samples > 1 or spec.scores:
+        unsupported.append("sweeps (several variants, samples or scores)")
+    if spec.limits.budget_usd is not None:
+        unsupported.append("budgets (limits.budget_usd)")
+    if opts.transport is not None:
+        unsupported.append("a custom HTTP transport")
+    if unsupported:
+        raise UsageError("the Ray engine does not support " + " or ".join(unsupported)
+                         + " yet; run this job with --engine local")
+
+
+def run_ray_job(spec: JobSpec, opts: RunOptions | None = None, address: str | None = None) -> Summary:
+    """Run one job on Ray to the end (or to a stop) and return its summary."""
+    opts = opts or RunOptions()
+    started = time.perf_counter()
+    check_supported(spec, opts)
+    restore_skipped_modules()  # the command marked pyarrow's cloud filesystems absent; Ray Data reads through them
+    try:
+        import ray
+    except ImportError:
+        raise UsageError("the Ray engine needs Ray: pip install 'promptmill[ray]'") from None
+    api_key = check_api(spec)
+    base_url = _base_url(spec, opts)
+    output = spec.output_path(opts.date)
+    OutputStore.check(output, Path(spec.input.path))
+    spec = _with_columns_read(spec)
+    reader = open_source(spec.input)
+    reader.check()  # ids unique, bad rows found, before anything is sent
+    if reader.id_column is None:
+        raise UsageError("the Ray engine needs an id column in the input (input.id_column): Ray Data's "
+                         "blocks carry no row numbers to name rows by")
+    identity = job_identity(spec)
+    schema = output_schema(pa.schema(reader.passthrough_schema), _metadata(spec, identity))
+    summary = Summary(job=spec.name, output=str(output))
+    opts.summary = summary
+    engine = spec.engine
+    address = address or engine.address
+    with OutputStore.open(output, identity, schema, fresh=opts.fresh, keep_failed=not opts.retry_failed) as store:
+        if len(store.index):
+            log.info("resuming: %s rows of an earlier run are done and will be skipped", f"{len(store.index):,}")
+        temp = None if address else tempfile.mkdtemp(prefix="promptmill-ray-")
+        env = {spec.api.api_key_env: api_key} if api_key else {}
+        logging.getLogger("ray").setLevel(logging.WARNING)  # Ray's own progress lines: not the job's
+        try:
+            if address is None:
+                ray.init(num_cpus=int(engine.workers * engine.cpus_per_worker) + 2, include_dashboard=False,
+                         _temp_dir=temp, _node_ip_address="127.0.0.1", namespace=_NAMESPACE,
+                         runtime_env={"env_vars": env}, log_to_driver=False, logging_level=logging.WARNING)
+            else:
+                _join(address, env)
+            try:
+                _drive(spec, summary, store, base_url, opts, reader.num_rows)
+            finally:
+                summary.rows_failed_kept = store.index.failed_skipped
+                summary.wall_s = time.perf_counter() - started
+                try:
+                    store.assemble()
+                finally:
+                    store.write_summary(summary)
+        finally:
+            if ray.is_initialized():
+                ray.shutdown()
+            if temp is not None:
+                _remove(Path(temp))
+    if summary.stopped and opts.exit_signal is None:
+        raise JobStopped(summary.stopped)
+    return summary
+
+
+def _remove(temp: Path) -> None:
+    """Remove the local Ray's folder; its last processes may still be writing logs as they exit."""
+    for _ in range(10):
+        shutil.rmtree(temp, ignore_errors=True)
+        if not temp.exists():
+            return
+        time.sleep(0.5)
+    log.warning("could not remove Ray's temporary folder %s", temp)
+
+
+def _join(address: str, env: dict[str, str]) -> None:
+    """Join the cluster at ``address``; one line if it cannot be reached."""
+    import ray
+
+    local: dict[str, Any] = {"_node_ip_address": "127.0.0.1"} if address.split(":")[0] in ("127.0.0.1", "localhost") else {}
+    try:
+        ray.init(address=address, namespace=_NAMESPACE, runtime_env={"env_vars": env}, log_to_driver=False,
+                 logging_level=logging.WARNING, **local)
+    except ConnectionError as exc:
+        raise UsageError(f"cannot join the Ray cluster at {address} (--ray-address): {exc}") from None
+
+
+def _block_rows(per_worker: int, workers: int, rows: int | None) -> int:
+    """Rows a block holds: enough to keep a worker's requests in flight, few enough that
+    every worker gets at least two blocks of a small input."""
+    most = per_worker * _ROWS_PER_REQUEST_SLOT
+    if rows is None:
+        return most
+    return max(per_worker, min(most, -(-rows // (2 * workers))))
+
+
+def _drive(spec: JobSpec, summary: Summary, store: OutputStore, base_url: str, opts: RunOptions,
+           rows: int | None) -> None:
+    """The limiter actor, the dataset, the actor pool; adds each block's summary to ``summary``."""
+    import ray
+    import ray.data
+
+    from batch.engines.ray_limiter import ClusterLimiter
+    from batch.engines.ray_worker import BlockWorker, merge_summary
+
+    engine = spec.engine
+    name = f"limiter-{spec.name}-{uuid.uuid4().hex[:8]}"
+    limiter: Any = ray.remote(ClusterLimiter).options(name=name, num_cpus=0).remote(
+        spec.limits.rpm, spec.limits.tpm, next_run_number(store.path) + 1)
+    per_worker = max(1, spec.limits.concurrency // engine.workers)
+    path = str(Path(spec.input.path).resolve())
+    fmt = open_source(spec.input).format
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    fs = pafs.LocalFileSystem()  # Ray 2.60's Parquet reader wants one named
+    if fmt == "parquet":
+        ds = ray.data.read_parquet(path, filesystem=fs)
+    else:
+        ds = ray.data.read_json(path, lines=True)
+    # blocks of a worker's size, streamed: every worker gets some, however few files the input is
+    block_rows = _block_rows(per_worker, engine.workers, rows)
+    ds = ds.repartition(target_num_rows_per_block=block_rows)
+    ds = ds.map_batches(
+        BlockWorker, batch_size=block_rows, batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=engine.workers), num_cpus=engine.cpus_per_worker,
+        fn_constructor_kwargs={
+            "spec": spec, "output": str(store.path), "schema": store.schema, "base_url": base_url,
+            "limiter": name, "namespace": _NAMESPACE, "concurrency": per_worker,
+            "keep_failed": not opts.retry_failed,
+        },
+    )
+    done = 0
+    try:
+        for out in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            batch = cast(pa.Table, out)
+            for blob in batch.column("summary").to_pylist():
+                merge_summary(summary, pickle.loads(blob))
+            done += batch.num_rows
+            stop = ray.get(limiter.fatal.remote())
+            if stop is not None:
+                summary.stopped = stop
+                log.error("%s", stop)
+                break
+            if done % 50 == 0:
+                log.info("ray: %d blocks done, %s rows", done, f"{summary.rows_ok + summary.rows_failed:,}")
+    except KeyboardInterrupt:
+        summary.stopped = "SIGINT received"
+        opts.exit_signal = 2
+    except ray.exceptions.RayError as exc:
+        found = _ours(exc)
+        if found is None:
+            raise
+        raise found from None
+    stats = ray.get(limiter.stats.remote())
+    log.info("cluster limiter: %d requests admitted, %d answered 429", stats["requests"], stats["rate_limited"])
+
+
+def _ours(exc: BaseException) -> PromptmillError | None:
+    """One of promptmill's errors inside a Ray task error (a worker that could not start), if any."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        cause = getattr(seen, "cause", None)
+        if isinstance(cause, PromptmillError):
+            return cause
+        if isinstance(seen, PromptmillError):
+            return seen
+        seen = cause if isinstance(cause, BaseException) else seen.__cause__
+    return None
