@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import anyio
 
 from batch.errors import JobStopped
+from batch.options import OPTION_KEYS
 from batch.runner import RunOptions, run_job
 from batch.spec import JobSpec
 from batch.spec_load import load_job
@@ -41,26 +42,6 @@ __all__ = ["acomplete", "arun", "complete", "run"]
 
 T = TypeVar("T")
 
-# option names as ``promptmill run`` spells them (underscored), and the job keys they set
-OPTIONS = {
-    "input": "input.path",
-    "output": "output.path",
-    "base_url": "api.base_url",
-    "model": "request.model",
-    "endpoint": "api.endpoint",
-    "stream": "api.stream",
-    "max_tokens": "request.max_tokens",
-    "concurrency": "limits.concurrency",
-    "rpm": "limits.rpm",
-    "tpm": "limits.tpm",
-    "max_attempts": "retry.max_attempts",
-    "api_key_env": "api.api_key_env",
-    "allow_insecure_http": "api.allow_insecure_http",
-    "input_format": "input.format",
-    "output_format": "output.format",
-    "error_file": "output.error_file",
-    "embed_batch": "input.embed_batch",
-}
 
 
 def _overrides(overrides: Mapping[str, Any]) -> dict[str, Any]:
@@ -71,10 +52,10 @@ def _overrides(overrides: Mapping[str, Any]) -> dict[str, Any]:
             value = os.fspath(value)  # the job file's types: a path is a string there
         if "." in name:
             keys[name] = value
-        elif name in OPTIONS:
-            keys[OPTIONS[name]] = value
+        elif name in OPTION_KEYS:
+            keys[OPTION_KEYS[name]] = value
         else:
-            known = ", ".join(sorted(OPTIONS))
+            known = ", ".join(sorted(OPTION_KEYS))
             raise TypeError(f"unknown option {name!r}: use one of {known}, or a dotted job key like 'request.temperature'")
     return keys
 

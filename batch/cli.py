@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from batch import _startup
+from batch.options import OPTION_KEYS
 
 if TYPE_CHECKING:
     from batch.simulator import SimServer
@@ -160,33 +161,10 @@ _RUN_HELP: dict[str, dict[str, str]] = {
                             "Takes the options of 'run'."},
 }
 
-_OVERRIDES = {
-    "input": "input.path",
-    "output": "output.path",
-    "base_url": "api.base_url",
-    "model": "request.model",
-    "endpoint": "api.endpoint",
-    "stream": "api.stream",
-    "max_tokens": "request.max_tokens",
-    "concurrency": "limits.concurrency",
-    "rpm": "limits.rpm",
-    "tpm": "limits.tpm",
-    "max_attempts": "retry.max_attempts",
-    "api_key_env": "api.api_key_env",
-    "allow_insecure_http": "api.allow_insecure_http",
-    "input_format": "input.format",
-    "output_format": "output.format",
-    "error_file": "output.error_file",
-    "embed_batch": "input.embed_batch",
-    "budget_usd": "limits.budget_usd",
-    "budget_per_variant": "limits.budget_per_variant",
-    "engine": "engine.kind",
-    "ray_address": "engine.address",
-}
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    return {key: getattr(args, name) for name, key in _OVERRIDES.items() if getattr(args, name) is not None}
+    return {key: getattr(args, name) for name, key in OPTION_KEYS.items() if getattr(args, name) is not None}
 
 
 def _run(args: argparse.Namespace) -> int:
