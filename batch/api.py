@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 
-from batch.errors import JobStopped
+from batch.errors import JobStopped, UsageError
 from batch.options import OPTION_KEYS
 from batch.runner import RunOptions, run_job
 from batch.spec import JobSpec
@@ -105,6 +105,9 @@ async def arun(
     like the command resumes it. Returns the run's summary.
     """
     spec = _spec(job, overrides)
+    if spec.engine.kind != "local":
+        raise UsageError(f"engine {spec.engine.kind!r}: the Python API runs jobs on this machine; "
+                         "run it with `promptmill run JOB --engine ray`")
     return await _run_spec(spec, RunOptions(fresh=fresh, retry_failed=retry_failed, progress=False, date=date))
 
 

@@ -74,3 +74,9 @@ def test_a_fatal_answer_raises_job_stopped_with_the_summary(sim: SimServer, tmp_
         batch.complete([{"prompt": f"q{i}"} for i in range(20)], model="simulator-small",
                        base_url=sim.base_url, max_tokens=8, concurrency=1)
     assert stopped.value.summary is not None and stopped.value.summary.rows_ok == 3
+
+
+def test_the_api_refuses_the_ray_engine_in_one_line(tmp_path: Path) -> None:
+    with pytest.raises(batch.UsageError, match="promptmill run JOB --engine ray"):
+        batch.run(input=str(tmp_path / "in.jsonl"), output=str(tmp_path / "out.parquet"),
+                  base_url="simulator", model="m", engine="ray")
