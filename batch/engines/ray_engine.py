@@ -24,6 +24,7 @@ import logging
 import pickle
 import shutil
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -194,8 +195,10 @@ def _drive(spec: JobSpec, summary: Summary, store: OutputStore, base_url: str, o
         },
     )
     done = 0
+    batches = ds.iter_batches(batch_format="pyarrow", batch_size=None)
+    ray_threads = set(threading.enumerate())
     try:
-        for out in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        for out in batches:
             batch = cast(pa.Table, out)
             for blob in batch.column("summary").to_pylist():
                 merge_summary(summary, pickle.loads(blob))
@@ -215,8 +218,27 @@ def _drive(spec: JobSpec, summary: Summary, store: OutputStore, base_url: str, o
         if found is None:
             raise
         raise found from None
+    finally:
+        _stop_dataset(batches, ray_threads)
     stats = ray.get(limiter.stats.remote())
     log.info("cluster limiter: %d requests admitted, %d answered 429", stats["requests"], stats["rate_limited"])
+
+
+def _stop_dataset(batches: Any, before: set[threading.Thread], timeout_s: float = 15.0) -> None:
+    """Stop the dataset's execution and wait for Ray Data's threads to end, before Ray is shut down.
+
+    A stop mid-dataset (a fatal answer) leaves Ray Data's executor running in its own
+    threads; one of them touching Ray after ``ray.shutdown()`` makes Ray end the whole
+    process with exit code 1, whatever the job's own exit code was.
+    """
+    close = getattr(batches, "close", None)
+    if close is not None:
+        close()  # a generator: its cleanup shuts the streaming executor down
+    deadline = time.monotonic() + timeout_s
+    for thread in threading.enumerate():
+        # the executor's scheduling loop; Ray Data's prefetcher thread lives on, idle, by design
+        if thread not in before and thread.name.startswith("StreamingExecutor"):
+            thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def _ours(exc: BaseException) -> PromptmillError | None:
