@@ -51,3 +51,38 @@ def prompts(n: int, *, start: int = 0) -> list[dict[str, Any]]:
         {"id": f"p{i:04d}", "prompt": f"Tell me fact number {i} about the sea", "topic": f"t{i % 3}"}
         for i in range(start, start + n)
     ]
+
+
+#: The smallest job file: an input, an output, a base URL and a model.
+MINIMAL_JOB = """\
+[input]
+path = "in.jsonl"
+
+[output]
+path = "out.parquet"
+
+[api]
+base_url = "http://127.0.0.1:8089/v1"
+
+[request]
+model = "m"
+"""
+
+
+def sim_job(tmp_path: Path, base_url: str, rows: Iterable[Mapping[str, Any]], rest: str) -> Path:
+    """A job file on ``base_url`` (a simulator) over ``rows``, model ``sim-small`` with 16 tokens,
+    then ``rest`` (more tables: limits, prices, a sweep)."""
+    inp = write_jsonl(tmp_path / "in.jsonl", rows)
+    job = tmp_path / "job.toml"
+    job.write_text(f"""
+[input]
+path = "{inp}"
+[output]
+path = "{tmp_path / 'out.parquet'}"
+[api]
+base_url = "{base_url}"
+[request]
+model = "sim-small"
+max_tokens = 16
+{rest}""")
+    return job

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batch.simulator import SimServer
-from tests.helpers import write_jsonl
+from tests.helpers import sim_job
 
 VARIANTS = {
     "small-t0": {"model": "sim-small", "temperature": 0.0},
@@ -130,19 +130,7 @@ ROWS = [{"id": f"q{i}", "prompt": f"What is {i} + {2 * i}?", "answer": 3 * i} fo
 
 def sweep_job(tmp_path: Path, sim: SimServer, extra_variant: str = "") -> Path:
     """A 2 models x 2 temperatures x 3 samples sweep over ROWS on the simulator, scored; ``extra_variant`` is appended."""
-    inp = write_jsonl(tmp_path / "in.jsonl", ROWS)
-    job = tmp_path / "job.toml"
-    job.write_text(f"""
-[input]
-path = "{inp}"
-[output]
-path = "{tmp_path / 'out.parquet'}"
-[api]
-base_url = "{sim.base_url}"
-[request]
-model = "sim-small"
-max_tokens = 16
-[sweep]
+    return sim_job(tmp_path, sim.base_url, ROWS, f"""[sweep]
 samples = 3
 [sweep.grid]
 model = ["sim-small", "sim-large"]
@@ -153,4 +141,3 @@ kind = "number"
 reference = "answer"
 {extra_variant}
 """)
-    return job

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from batch.simulator import SimServer
-from tests.helpers import prompts, run_cli, write_jsonl
+from tests.helpers import prompts, run_cli, sim_job, write_jsonl
 
 ROWS = [{"id": f"q{i}", "prompt": f"What is {i} + {2 * i}? Answer with the sum only.", "answer": 3 * i}
         for i in range(12)]
@@ -19,19 +19,7 @@ SMALL, LARGE = "model=sim-small", "model=sim-large"
 
 
 def _job(tmp_path: Path, sim: SimServer, grid: str, samples: int = 2) -> Path:
-    inp = write_jsonl(tmp_path / "in.jsonl", ROWS)
-    job = tmp_path / "job.toml"
-    job.write_text(f"""
-[input]
-path = "{inp}"
-[output]
-path = "{tmp_path / 'out.parquet'}"
-[api]
-base_url = "{sim.base_url}"
-[request]
-model = "sim-small"
-max_tokens = 16
-[limits]
+    return sim_job(tmp_path, sim.base_url, ROWS, f"""[limits]
 concurrency = 4
 [pricing.sim-small]
 input = 0.1
@@ -44,7 +32,6 @@ samples = {samples}
 [sweep.grid]
 {grid}
 """)
-    return job
 
 
 def _run(capsys: pytest.CaptureFixture[str], job: Path, *extra: str) -> tuple[int, dict]:  # type: ignore[type-arg]

@@ -12,6 +12,7 @@ from batch.errors import JobFileError
 from batch.simulator import table_problem
 from batch.spec import JobSpec
 from batch.spec_load import load_job
+from tests.helpers import MINIMAL_JOB
 
 GOOD = """\
 [job]
@@ -56,19 +57,7 @@ output = 2
 cached_input = 0.25
 """
 
-MINIMAL = """\
-[input]
-path = "in.jsonl"
-
-[output]
-path = "out.parquet"
-
-[api]
-base_url = "http://127.0.0.1:8089/v1"
-
-[request]
-model = "m"
-"""
+MINIMAL = MINIMAL_JOB
 
 REQUIRED = {
     "input.path": "in.jsonl",

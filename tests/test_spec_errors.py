@@ -15,20 +15,9 @@ import pytest
 from batch.errors import JobFileError
 from batch.spec_errors import describe, dotted, key_lines, split_path, toml_syntax_error
 from batch.spec_load import load_job
+from tests.helpers import MINIMAL_JOB
 
-MINIMAL = """\
-[input]
-path = "in.jsonl"
-
-[output]
-path = "out.parquet"
-
-[api]
-base_url = "http://127.0.0.1:8089/v1"
-
-[request]
-model = "m"
-"""
+MINIMAL = MINIMAL_JOB
 
 
 def error_line(tmp_path: Path, text: str, overrides: dict[str, Any] | None = None) -> str:
