@@ -136,12 +136,13 @@ class Job:
             self.stop_now(exc, self.lanes_stopped_message())
 
     def lanes_stopped_message(self) -> str:
-        parts = []
-        for lane, exc in self.lane_fatal.items():
-            target = self.fanout.targets[lane]
-            names = ", ".join(v.name for v in self.fanout.variants if v.target == target)
-            parts.append(f"target {target.name} ({names}): {_fatal_message(exc)}")
-        return "; ".join(parts)
+        return "; ".join(self.lane_stopped_text(lane) for lane in self.lane_fatal)
+
+    def lane_stopped_text(self, lane: int) -> str:
+        """``target NAME (its variants): what it answered``, for a target stopped by a fatal answer."""
+        target = self.fanout.targets[lane]
+        names = ", ".join(v.name for v in self.fanout.variants if v.target == target)
+        return f"target {target.name} ({names}): {_fatal_message(self.lane_fatal[lane])}"
 
     def check_wait(self, seconds: float, exc: RequestError | None, what: str) -> None:
         """A wait the server asked for: beyond ``retry.max_wait_s`` it is announced in one line

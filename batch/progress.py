@@ -11,17 +11,30 @@ import logging
 import sys
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from batch.budget import Ledger
-
-__all__ = ["Progress"]
+__all__ = ["Money", "Progress"]
 
 log = logging.getLogger("batch.progress")
 
 # the bar's money and token figures are refreshed every this many rows
 _REFRESH_ROWS = 64
+
+
+class Money(Protocol):
+    """What progress shows of the job's money (:class:`batch.budget.Ledger`, or the figures a
+    job on Ray gathers in its limiter actor)."""
+
+    limit: float | None
+
+    @property
+    def spent(self) -> float: ...
+
+    @property
+    def reserved(self) -> float: ...
+
+    @property
+    def left(self) -> float | None: ...
 
 
 class Progress:
@@ -34,7 +47,7 @@ class Progress:
         enabled: bool | None = None,
         log_every_s: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
-        money: Ledger | None = None,
+        money: Money | None = None,
     ) -> None:
         self.total = total
         self.done = 0
@@ -75,6 +88,18 @@ class Progress:
         if self._bar is not None and n:
             self._bar.update(n)
 
+    def set_totals(self, done: int, failed: int, tokens: int, skipped: int) -> None:
+        """Totals counted elsewhere (the workers of a job on Ray), instead of :meth:`update` a row."""
+        moved = done + skipped - self.done - self.skipped
+        self.done, self.failed, self.tokens, self.skipped = done, failed, tokens, skipped
+        now = self._clock()
+        if self._bar is not None:
+            self._bar.update(moved)
+            self._bar.set_postfix_str(self._extra(now), refresh=False)
+        elif now >= self._next_log:
+            self._next_log = now + self._log_every_s
+            self._log(now)
+
     def _extra(self, now: float) -> str:
         """``tokens/s`` and the money: ``$spent spent, $reserved reserved[, $left left of $budget]``."""
         text = f"{self.tokens / max(now - self._start, 1e-9):,.0f} tokens/s"
@@ -99,6 +124,10 @@ class Progress:
 
     def _log(self, now: float) -> None:
         log.info("%s", self.line(now))
+
+    def log_now(self) -> None:
+        """The log line now (a job on Ray ends with one: its figures gathered from every worker)."""
+        self._log(self._clock())
 
     def close(self) -> None:
         if self._bar is not None:

@@ -41,37 +41,31 @@ from urllib.parse import urlsplit
 import anyio
 import httpx
 import msgspec
-import orjson
 import pyarrow as pa
 
-from batch import __version__, variant_summary
 from batch.budget import Ledger, job_prices, open_ledger
 from batch.client import Client, Timeouts
 from batch.errors import BudgetReached, DiskError, JobStopped, PromptmillError, UsageError
 from batch.job import Job
 from batch.limiter import Limiter
+from batch.outputs import batch_files, finish_output, job_identity, job_schema, with_columns_read
 from batch.progress import Progress
-from batch.prompts import output_format
 from batch.records import Request
 from batch.retry import RetryPolicy, RetrySettings
 from batch.sources import Source, open_source
-from batch.spec import JobSpec, is_loopback, template_fields
+from batch.spec import JobSpec, is_loopback
 from batch.store import (
-    METADATA_KEY,
     PLAIN_KEY,
     SWEEP_KEY,
     OutputStore,
     check_not_input,
     check_output_writable,
-    output_schema,
 )
-from batch.store.batch_output import write_batch_output
-from batch.store.schema import EXTRA_FIELDS
 from batch.summary import Summary
 from batch.variants import Target
 from batch.worker import Workers
 
-__all__ = ["RunOptions", "check_api", "job_identity", "run_job"]
+__all__ = ["RunOptions", "check_api", "run_job", "run_lanes"]
 
 log = logging.getLogger(__name__)
 
@@ -119,63 +113,6 @@ def check_api(spec: JobSpec) -> str | None:
     return key
 
 
-def job_identity(spec: JobSpec) -> dict[str, Any]:
-    """What makes two runs the same job for one output: its name and its input.
-
-    The model, template and request parameters are not part of it: changing
-    them is still the same job, and the rows whose requests changed are redone.
-    """
-    return {
-        "job": spec.name,
-        "input": str(Path(spec.input.path).resolve()),
-        "id_column": spec.input.id_name,
-    }
-
-
-def _metadata(spec: JobSpec, identity: dict[str, Any]) -> dict[bytes, bytes]:
-    # the settings of the job, for audit; the key variable's name is in them, never its value
-    settings = spec.settings()
-    if isinstance(settings.get("simulator"), dict) and settings["simulator"].get("api_key") is not None:
-        # the key a built-in simulator expects is the job's real key too, as often as not
-        settings["simulator"]["api_key"] = "***"
-    doc = {"identity": identity, "settings": settings, "promptmill": __version__,
-           "variants": [v.described() for v in spec.variants()], "baseline": spec.baseline(),
-           "samples": spec.samples}
-    return {METADATA_KEY: orjson.dumps(doc, default=str)}
-
-
-def _batch_files(spec: JobSpec, opts: RunOptions) -> list[Path]:
-    """The OpenAI batch output file and error file the job writes at the end (none for Parquet)."""
-    if spec.output.format != "openai_batch":
-        return []
-    errors = spec.error_path(opts.date)
-    return [spec.output_path(opts.date), *([errors] if errors is not None else [])]
-
-
-def _extra_columns(spec: JobSpec, reader: Source) -> tuple[pa.Field, ...]:
-    """The result columns only some jobs write (see ``batch.store.schema.EXTRA_FIELDS``)."""
-    extra: list[str] = []
-    if any(v.target.endpoint == "embeddings" for v in spec.variants()) or getattr(reader, "format", None) == "openai_batch":
-        extra.append("embedding")
-    if spec.output.format == "openai_batch":
-        extra += ["response_body", "request_id"]
-    return tuple(EXTRA_FIELDS[name] for name in extra)
-
-
-def _with_columns_read(spec: JobSpec) -> JobSpec:
-    """The job with the columns its scores and variants' templates read added to the pass-through
-    columns, so each row carries them (and the output keeps the references a judge job reads)."""
-    wanted = [s.reference for s in spec.scores if s.reference is not None]
-    for v in spec.variants():
-        if v.prompt_template is not None and v.prompt_template != spec.input.prompt_template:
-            wanted += template_fields(v.prompt_template)
-    added = [c for c in dict.fromkeys(wanted) if c not in spec.input.passthrough and c != spec.input.id_name]
-    if not added:
-        return spec
-    return msgspec.structs.replace(
-        spec, input=msgspec.structs.replace(spec.input, passthrough=(*spec.input.passthrough, *added)))
-
-
 def _base_url(spec: JobSpec, opts: RunOptions) -> str:
     """Where to send: ``opts.base_url`` (a simulator the caller started), else the job's."""
     if opts.base_url is not None:
@@ -212,23 +149,20 @@ async def run_job(spec: JobSpec, opts: RunOptions | None = None) -> Summary:
     _base_url(spec, opts)  # refuse "simulator" with none started before anything is written
     output = spec.store_path(spec.output_path(opts.date))  # the Parquet output: the durable store
     OutputStore.check(output, Path(spec.input.path))
-    for export in _batch_files(spec, opts):
+    for export in batch_files(spec, opts.date):
         check_not_input(export, Path(spec.input.path))
         check_output_writable(export)
     try:
         input_seen = os.stat(spec.input.path)  # before it is read: a change from now on stops the job
     except OSError:
         input_seen = None  # the reader says what is wrong with it
-    spec = _with_columns_read(spec)
+    spec = with_columns_read(spec)
     reader = open_source(spec.input)
     reader.check()
     _release_memory()
     Ledger.check(spec.limits.budget_usd, job_prices(spec))  # a budget with an unpriced model: refused now
     identity = job_identity(spec)
-    fmt = output_format(spec)  # structured output: the schema every variant's answers are checked by
-    scores = pa.schema([pa.field(f"score_{s.name}", pa.float64()) for s in spec.scores])
-    schema = output_schema(pa.schema([*reader.passthrough_schema, *scores]), _metadata(spec, identity),
-                           [*_extra_columns(spec, reader), *(fmt.fields if fmt else ())])
+    schema, fmt = job_schema(spec, reader, identity)
     summary = Summary(job=spec.name, output=str(output), by_variant=spec.is_sweep)
     opts.summary = summary
 
@@ -244,7 +178,7 @@ async def run_job(spec: JobSpec, opts: RunOptions | None = None) -> Summary:
         progress = Progress(rows * per_row if rows is not None else None, enabled=opts.progress, money=money)
         job = Job(spec, opts, store, summary, progress, api_key, input_seen, money, fmt)
         try:
-            await _run(job, reader, api_key)
+            await run_lanes(job, reader, api_key)
         except ExceptionGroup as group:
             # one of ours from inside the task group (a Parquet input damaged past its first rows): one line, not a tree
             first = _first_promptmill_error(group)
@@ -263,13 +197,28 @@ async def run_job(spec: JobSpec, opts: RunOptions | None = None) -> Summary:
 
 
 @contextlib.contextmanager
+def on_signals(handler: Callable[[int, Any], None]) -> Iterator[None]:
+    """``handler`` for SIGINT and SIGTERM meanwhile (in the main thread; elsewhere nothing changes)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {signum: signal.signal(signum, handler) for signum in held}
+    try:
+        yield
+    finally:
+        for signum, earlier in previous.items():
+            signal.signal(signum, earlier)
+
+
+@contextlib.contextmanager
 def _signals_held(job: Job) -> Iterator[None]:
     """SIGINT and SIGTERM while the output is assembled: noted, not obeyed until it is done.
 
     The assembly is short and already safe to kill, but a kill would leave no summary
     and the exit code of a kill; noted, the job ends as it would after a first signal.
     """
-    if not job.opts.handle_signals or threading.current_thread() is not threading.main_thread():
+    if not job.opts.handle_signals:
         yield
         return
 
@@ -280,45 +229,19 @@ def _signals_held(job: Job) -> Iterator[None]:
             job.summary.stopped = f"{name} received"
         log.warning("%s: finishing the output first (it is nearly done), then stopping", name)
 
-    held = (signal.SIGINT, signal.SIGTERM)
-    previous = {signum: signal.signal(signum, note) for signum in held}
-    try:
+    with on_signals(note):
         yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
 
 
 async def _finish(job: Job) -> None:
-    """Flush what is left, assemble the output, write the summary; a disk error in any of
-    them stops the rest of what needs the disk (never the parts on it) and is raised last."""
-    store, summary = job.store, job.summary
+    """Flush what is left, then :func:`~batch.outputs.finish_output` (in a thread)."""
     failed: DiskError | None = None
     try:
         await job.flush()
-        _release_memory()  # what the run's buffers held, before the merge needs its own
-        await anyio.to_thread.run_sync(store.assemble)
-        if job.spec.is_sweep or job.spec.scores:
-            found = await anyio.to_thread.run_sync(variant_summary.section, store.path)
-            summary.variant_report, summary.variant_lines = found
-        files = _batch_files(job.spec, job.opts)
-        if files:
-            ok, bad = await anyio.to_thread.run_sync(lambda: write_batch_output(store.path, *files))
-            log.info("batch output: %s lines in %s%s", f"{ok + bad if len(files) == 1 else ok:,}", files[0],
-                     f", {bad:,} failed lines in {files[1]}" if len(files) > 1 else "")
-            summary.batch_files = [str(f) for f in files]
     except DiskError as exc:
         failed = exc
-        summary.stopped = str(exc)
-    try:
-        store.write_summary(summary)
-    except DiskError as exc:
-        failed = failed or exc
-    if failed is not None:
-        if not summary.stopped:
-            summary.stopped = str(failed)
-        log.debug("rows not on disk: %d", store.rows_not_on_disk)
-        raise failed
+    _release_memory()  # what the run's buffers held, before the merge needs its own
+    await anyio.to_thread.run_sync(finish_output, job.spec, job.opts.date, job.store, job.summary, failed)
 
 
 def _target_url(spec: JobSpec, opts: RunOptions, target: Target) -> str:
@@ -343,14 +266,19 @@ def timeouts_of(spec: JobSpec) -> Timeouts:
     )
 
 
-async def _run(job: Job, reader: Source, api_key: str | None) -> None:
+async def run_lanes(job: Job, reader: Source, api_key: str | None,
+                    limiter_of: Callable[[int], Limiter] | None = None, share: int = 1) -> None:
+    """Feed ``reader`` to one lane of workers a target (its own client, limiter and retries), to
+    the end or a stop; raise the stop. A Ray worker passes its leases of the cluster's limiters
+    (``limiter_of(lane)``) and its ``share`` of each target's own concurrency."""
     spec, opts = job.spec, job.opts
     timeouts = timeouts_of(spec)
     targets = job.fanout.targets
     async with contextlib.AsyncExitStack() as stack, anyio.create_task_group() as outer:
         lanes = []
         for lane, target in enumerate(targets):
-            client, limiter, policy = await _lane(job, target, timeouts, api_key, stack)
+            given = limiter_of(lane) if limiter_of is not None else None
+            client, limiter, policy = await _lane(job, target, timeouts, api_key, stack, given, share)
             lanes.append(Workers(job, client, limiter, policy, lane))
         outer.start_soon(job.flush_forever)
         if opts.handle_signals:
@@ -359,7 +287,7 @@ async def _run(job: Job, reader: Source, api_key: str | None) -> None:
             job.workers_scope = tg.cancel_scope
             sends = []
             for workers, target in zip(lanes, targets, strict=True):
-                concurrency = target.concurrency or spec.limits.concurrency
+                concurrency = _concurrency(spec, target, share)
                 send, receive = anyio.create_memory_object_stream[Request](max(2 * concurrency, 64))
                 sends.append(send)
                 async with receive:
@@ -380,8 +308,14 @@ async def _run(job: Job, reader: Source, api_key: str | None) -> None:
         raise job.fatal
 
 
+def _concurrency(spec: JobSpec, target: Target, share: int) -> int:
+    """A target's requests in flight: its own concurrency (``share`` of it), else the job's."""
+    return max(1, target.concurrency // share) if target.concurrency else spec.limits.concurrency
+
+
 async def _lane(job: Job, target: Target, timeouts: Timeouts, api_key: str | None,
-                stack: contextlib.AsyncExitStack, limiter: Limiter | None = None) -> tuple[Client, Limiter, RetryPolicy]:
+                stack: contextlib.AsyncExitStack, limiter: Limiter | None = None,
+                share: int = 1) -> tuple[Client, Limiter, RetryPolicy]:
     """One target's own client (connection pool), limiter (``limiter``: one given, e.g. a Ray
     worker's lease of the cluster's) and retry policy."""
     spec, opts = job.spec, job.opts
@@ -402,7 +336,7 @@ async def _lane(job: Job, target: Target, timeouts: Timeouts, api_key: str | Non
         log.info("sending to the built-in simulator at %s", base_url)
     client = await stack.enter_async_context(Client(
         base_url, endpoint=target.endpoint, stream=spec.api.stream, api_key=_target_key(spec, target, api_key),
-        concurrency=target.concurrency or spec.limits.concurrency, timeouts=timeouts, transport=opts.transport,
+        concurrency=_concurrency(spec, target, share), timeouts=timeouts, transport=opts.transport,
         max_body_bytes=int(spec.api.max_response_mb * 2**20), keep_body=spec.output.format == "openai_batch",
     ))
     return client, limiter, policy

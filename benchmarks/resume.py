@@ -38,8 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from batch import store as out  # noqa: E402  (the package of this checkout, not an installed one)
+from batch.outputs import job_identity  # noqa: E402
 from batch.prompts import RequestBuilder  # noqa: E402
-from batch.runner import job_identity  # noqa: E402
 from batch.simulator import SimConfig, SimServer  # noqa: E402
 from batch.sources import open_source  # noqa: E402
 from batch.spec_load import load_job  # noqa: E402

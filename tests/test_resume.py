@@ -359,7 +359,7 @@ def test_a_parquet_file_without_our_columns_at_the_output_path_is_one_clear_line
 
 def test_the_job_identity_of_a_default_id_column_is_what_earlier_versions_wrote(tmp_path: Path) -> None:
     # an output an earlier version wrote names "id" as its id column: it must still be resumed
-    from batch.runner import job_identity
+    from batch.outputs import job_identity
 
     job = tmp_path / "job.toml"
     job.write_text('[input]\npath = "in.jsonl"\n[output]\npath = "o.parquet"\n[api]\nbase_url = "simulator"\n'

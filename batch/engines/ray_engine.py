@@ -23,10 +23,12 @@ from __future__ import annotations
 import logging
 import pickle
 import shutil
+import signal
 import tempfile
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -34,18 +36,15 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from batch._startup import restore_skipped_modules
-from batch.errors import JobStopped, PromptmillError, UsageError
-from batch.runner import (
-    RunOptions,
-    _base_url,
-    _metadata,
-    _with_columns_read,
-    check_api,
-    job_identity,
-)
+from batch.budget import Ledger, job_prices, open_ledger
+from batch.engines.ray_progress import ProgressView
+from batch.errors import BudgetReached, JobStopped, PromptmillError, UsageError
+from batch.outputs import finish_output, job_identity, job_schema, with_columns_read
+from batch.runner import RunOptions, _base_url, check_api, on_signals
 from batch.sources import open_source
 from batch.spec import JobSpec
-from batch.store import OutputStore, next_run_number, output_schema
+from batch.store import PLAIN_KEY, SWEEP_KEY, OutputStore, next_run_number
+from batch.structured import OutputFormat
 from batch.summary import Summary
 
 __all__ = ["check_supported", "run_ray_job"]
@@ -59,10 +58,6 @@ _ROWS_PER_REQUEST_SLOT = 16  # a block holds this many rows for each request a w
 def check_supported(spec: JobSpec, opts: RunOptions) -> None:
     """Refuse, in one line, what the Ray engine does not run yet (nothing is sent)."""
     unsupported = []
-    if spec.is_sweep or spec.samples > 1 or spec.scores:
-        unsupported.append("sweeps (several variants, samples or scores)")
-    if spec.limits.budget_usd is not None:
-        unsupported.append("budgets (limits.budget_usd)")
     if opts.transport is not None:
         unsupported.append("a custom HTTP transport")
     if unsupported:
@@ -84,21 +79,26 @@ def run_ray_job(spec: JobSpec, opts: RunOptions | None = None, address: str | No
     base_url = _base_url(spec, opts)
     output = spec.output_path(opts.date)
     OutputStore.check(output, Path(spec.input.path))
-    spec = _with_columns_read(spec)
+    spec = with_columns_read(spec)
     reader = open_source(spec.input)
     reader.check()  # ids unique, bad rows found, before anything is sent
     if reader.id_column is None:
         raise UsageError("the Ray engine needs an id column in the input (input.id_column): Ray Data's "
                          "blocks carry no row numbers to name rows by")
+    Ledger.check(spec.limits.budget_usd, job_prices(spec))  # a budget with an unpriced model: refused now
     identity = job_identity(spec)
-    schema = output_schema(pa.schema(reader.passthrough_schema), _metadata(spec, identity))
-    summary = Summary(job=spec.name, output=str(output))
+    schema, fmt = job_schema(spec, reader, identity)
+    summary = Summary(job=spec.name, output=str(output), by_variant=spec.is_sweep)
     opts.summary = summary
     engine = spec.engine
     address = address or engine.address
-    with OutputStore.open(output, identity, schema, fresh=opts.fresh, keep_failed=not opts.retry_failed) as store:
+    key = SWEEP_KEY if spec.is_sweep else PLAIN_KEY
+    stop: JobStopped | None = None
+    with OutputStore.open(output, identity, schema, fresh=opts.fresh, keep_failed=not opts.retry_failed,
+                          key=key) as store:
         if len(store.index):
             log.info("resuming: %s rows of an earlier run are done and will be skipped", f"{len(store.index):,}")
+        money = open_ledger(spec, output)
         temp = None if address else tempfile.mkdtemp(prefix="promptmill-ray-")
         env = {spec.api.api_key_env: api_key} if api_key else {}
         logging.getLogger("ray").setLevel(logging.WARNING)  # Ray's own progress lines: not the job's
@@ -110,21 +110,18 @@ def run_ray_job(spec: JobSpec, opts: RunOptions | None = None, address: str | No
             else:
                 _join(address, env)
             try:
-                _drive(spec, summary, store, base_url, opts, reader.num_rows)
+                stop = _drive(spec, summary, store, _Job(base_url, fmt, key, money, reader.num_rows), opts)
             finally:
                 summary.rows_failed_kept = store.index.failed_skipped
                 summary.wall_s = time.perf_counter() - started
-                try:
-                    store.assemble()
-                finally:
-                    store.write_summary(summary)
+                finish_output(spec, opts.date, store, summary)
         finally:
             if ray.is_initialized():
                 ray.shutdown()
             if temp is not None:
                 _remove(Path(temp))
-    if summary.stopped and opts.exit_signal is None:
-        raise JobStopped(summary.stopped)
+    if stop is not None and opts.exit_signal is None:
+        raise stop
     return summary
 
 
@@ -159,19 +156,33 @@ def _block_rows(per_worker: int, workers: int, rows: int | None) -> int:
     return max(per_worker, min(most, -(-rows // (2 * workers))))
 
 
-def _drive(spec: JobSpec, summary: Summary, store: OutputStore, base_url: str, opts: RunOptions,
-           rows: int | None) -> None:
-    """The limiter actor, the dataset, the actor pool; adds each block's summary to ``summary``."""
+@dataclass(frozen=True, slots=True)
+class _Job:
+    """What the driver hands the workers beside the spec and the store."""
+
+    base_url: str
+    fmt: OutputFormat | None
+    key: tuple[str, ...]
+    money: Ledger
+    rows: int | None
+
+
+def _drive(spec: JobSpec, summary: Summary, store: OutputStore, job: _Job, opts: RunOptions) -> JobStopped | None:
+    """The limiter actor, the dataset, the actor pool; adds each block's summary to ``summary``
+    and returns how the job stopped early, if it did (a fatal answer, the budget, a target)."""
     import ray
     import ray.data
 
     from batch.engines.ray_limiter import ClusterLimiter
+    from batch.engines.ray_money import MoneyArgs
     from batch.engines.ray_worker import BlockWorker, merge_summary
+    from batch.fanout import Fanout
 
     engine = spec.engine
     name = f"limiter-{spec.name}-{uuid.uuid4().hex[:8]}"
+    targets = Fanout(spec, fmt=job.fmt).targets
     limiter: Any = ray.remote(ClusterLimiter).options(name=name, num_cpus=0).remote(
-        spec.limits.rpm, spec.limits.tpm, next_run_number(store.path) + 1)
+        [(t.rpm, t.tpm) for t in targets], next_run_number(store.path) + 1, MoneyArgs.of(job.money))
     per_worker = max(1, spec.limits.concurrency // engine.workers)
     path = str(Path(spec.input.path).resolve())
     fmt = open_source(spec.input).format
@@ -181,47 +192,87 @@ def _drive(spec: JobSpec, summary: Summary, store: OutputStore, base_url: str, o
     if fmt == "parquet":
         ds = ray.data.read_parquet(path, filesystem=fs)
     else:
-        ds = ray.data.read_json(path, lines=True)
+        # JSONL as lines, each parsed by the worker as promptmill's own reader does: Ray Data's
+        # JSON reader would guess column types ("65" read as 65, which the output cannot hold)
+        ds = ray.data.read_text(path, filesystem=fs)
     # blocks of a worker's size, streamed: every worker gets some, however few files the input is
-    block_rows = _block_rows(per_worker, engine.workers, rows)
+    block_rows = _block_rows(per_worker, engine.workers, job.rows)
     ds = ds.repartition(target_num_rows_per_block=block_rows)
     ds = ds.map_batches(
         BlockWorker, batch_size=block_rows, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=engine.workers), num_cpus=engine.cpus_per_worker,
         fn_constructor_kwargs={
-            "spec": spec, "output": str(store.path), "schema": store.schema, "base_url": base_url,
-            "limiter": name, "namespace": _NAMESPACE, "concurrency": per_worker,
-            "keep_failed": not opts.retry_failed,
+            "spec": spec, "output": str(store.path), "schema": store.schema, "fmt": job.fmt,
+            "base_url": job.base_url, "limiter": name, "namespace": _NAMESPACE, "workers": engine.workers,
+            "money": MoneyArgs.of(job.money), "keep_failed": not opts.retry_failed, "key": job.key,
         },
     )
-    done = 0
+    per_row = len(spec.variants()) * spec.samples
+    view = ProgressView(limiter, job.rows * per_row if job.rows is not None else None, opts.progress,
+                        job.money.limit)
     batches = ds.iter_batches(batch_format="pyarrow", batch_size=None)
     ray_threads = set(threading.enumerate())
     try:
-        for out in batches:
-            batch = cast(pa.Table, out)
-            for blob in batch.column("summary").to_pylist():
-                merge_summary(summary, pickle.loads(blob))
-            done += batch.num_rows
-            stop = ray.get(limiter.fatal.remote())
-            if stop is not None:
-                summary.stopped = stop
-                log.error("%s", stop)
-                break
-            if done % 50 == 0:
-                log.info("ray: %d blocks done, %s rows", done, f"{summary.rows_ok + summary.rows_failed:,}")
-    except KeyboardInterrupt:
-        summary.stopped = "SIGINT received"
-        opts.exit_signal = 2
+        with on_signals(_interrupt):
+            view.start()
+            for out in batches:
+                batch = cast(pa.Table, out)
+                for blob in batch.column("summary").to_pylist():
+                    merge_summary(summary, pickle.loads(blob))
+    except _Interrupted as signalled:
+        summary.stopped = f"{signalled.name} received"
+        opts.exit_signal = signalled.signum
+        log.warning("%s: stopping the workers; every finished row is kept", signalled.name)
     except ray.exceptions.RayError as exc:
         found = _ours(exc)
         if found is None:
             raise
         raise found from None
     finally:
+        view.stop()
         _stop_dataset(batches, ray_threads)
     stats = ray.get(limiter.stats.remote())
     log.info("cluster limiter: %d requests admitted, %d answered 429", stats["requests"], stats["rate_limited"])
+    if stats["workers_lost"]:
+        log.warning("%d worker(s) were lost mid-block; Ray handed their blocks out again", stats["workers_lost"])
+    return _stopped(spec, summary, limiter)
+
+
+def _stopped(spec: JobSpec, summary: Summary, limiter: Any) -> JobStopped | None:
+    """How the job stopped early, from the limiter actor, as the local engine says it."""
+    import ray
+
+    fatal, code, lanes = ray.get(limiter.stopped.remote())
+    budget, reached, stop_text = ray.get(limiter.money.remote())
+    if spec.limits.budget_usd is not None:
+        summary.budget = budget
+    stop: JobStopped | None = None
+    if fatal is not None:
+        stop = JobStopped(fatal)
+        stop.exit_code = code
+        summary.stopped = fatal
+    elif reached:
+        summary.stopped = stop_text
+        stop = BudgetReached(stop_text + "; every finished row is kept: rerun with a higher budget to carry on")
+    elif lanes:
+        stop = JobStopped("; ".join(lanes[lane] for lane in sorted(lanes)) + "; the other variants finished")
+        summary.stopped = str(stop)
+    if stop is not None:
+        log.error("%s", stop)
+    return stop
+
+
+class _Interrupted(Exception):
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        self.name = signal.Signals(signum).name
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGINT and SIGTERM stop the driver's wait for blocks: the parts on disk are assembled, the
+    summary printed, and the job exits 130 or 143, as the local engine does (the workers' requests
+    in flight are not waited for: they are Ray's to end)."""
+    raise _Interrupted(signum)
 
 
 def _stop_dataset(batches: Any, before: set[threading.Thread], timeout_s: float = 15.0) -> None:

@@ -10,7 +10,7 @@ them is taken as string); a later value that does not fit is a bad row.
 from __future__ import annotations
 
 from array import array
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from types import MappingProxyType
 from typing import Any, BinaryIO
 
@@ -148,6 +148,11 @@ class JsonlSource(FileSource):
         return self._batches(batch_size)
 
     def _batches(self, batch_size: int) -> Iterator[list[Row]]:
+        with self.path.open("rb") as f:
+            yield from self.rows_of(f, batch_size)
+
+    def rows_of(self, lines: Iterable[bytes], batch_size: int) -> Iterator[list[Row]]:
+        """The rows of ``lines`` of this input, in batches (also a Ray worker's block of lines)."""
         # the row loop of a large input: attributes read once, into locals
         id_column = self.id_column
         prompt_column = self.spec.prompt_column
@@ -155,41 +160,38 @@ class JsonlSource(FileSource):
         template_columns = self.template_columns
         value_columns = self.value_columns
         mode = self.mode
-        index = 0
         rows: list[Row] = []
-        with self.path.open("rb") as f:
-            for lineno, obj, bad_line in _parsed_lines(f):
-                row_id: str | None = None
-                values: Mapping[str, Any] | None = None
-                try:
-                    if bad_line is not None:
-                        raise RowProblem(bad_line, None)
-                    values = {c: obj.get(c) for c in value_columns} if value_columns else _EMPTY
-                    if id_column is None:
-                        row_id = str(index)
-                    else:
-                        value = obj.get(id_column)
-                        row_id = value if type(value) is str else ids.json_id(value, id_column)
-                    prompt: str | None = None
-                    msgs: list[dict[str, Any]] | None = None
-                    if mode == "prompt":
-                        prompt = obj.get(prompt_column)
-                        if type(prompt) is not str:
-                            raise _bad_prompt(obj, prompt_column)
-                    elif mode == "messages":
-                        msgs = _messages(obj.get(messages_column), messages_column)
-                    else:
-                        for name in template_columns:
-                            if obj.get(name) is None:
-                                raise RowProblem("missing or null value used by prompt_template", name)
-                except RowProblem as problem:
-                    rows.append(self._problem(problem, index, lineno, row_id, values))
+        for index, (lineno, obj, bad_line) in enumerate(_parsed_lines(lines)):
+            row_id: str | None = None
+            values: Mapping[str, Any] | None = None
+            try:
+                if bad_line is not None:
+                    raise RowProblem(bad_line, None)
+                values = {c: obj.get(c) for c in value_columns} if value_columns else _EMPTY
+                if id_column is None:
+                    row_id = str(index)
                 else:
-                    rows.append(Row(index, lineno, row_id, prompt, msgs, values))
-                index += 1
-                if len(rows) >= batch_size:
-                    yield self._fit_passthrough(rows)
-                    rows = []
+                    value = obj.get(id_column)
+                    row_id = value if type(value) is str else ids.json_id(value, id_column)
+                prompt: str | None = None
+                msgs: list[dict[str, Any]] | None = None
+                if mode == "prompt":
+                    prompt = obj.get(prompt_column)
+                    if type(prompt) is not str:
+                        raise _bad_prompt(obj, prompt_column)
+                elif mode == "messages":
+                    msgs = _messages(obj.get(messages_column), messages_column)
+                else:
+                    for name in template_columns:
+                        if obj.get(name) is None:
+                            raise RowProblem("missing or null value used by prompt_template", name)
+            except RowProblem as problem:
+                rows.append(self._problem(problem, index, lineno, row_id, values))
+            else:
+                rows.append(Row(index, lineno, row_id, prompt, msgs, values))
+            if len(rows) >= batch_size:
+                yield self._fit_passthrough(rows)
+                rows = []
         if rows:
             yield self._fit_passthrough(rows)
 
@@ -213,7 +215,7 @@ class JsonlSource(FileSource):
         return rows
 
 
-def _parsed_lines(f: BinaryIO) -> Iterator[tuple[int, dict[str, Any], str | None]]:
+def _parsed_lines(f: Iterable[bytes]) -> Iterator[tuple[int, dict[str, Any], str | None]]:
     """(line, object, None) per non-blank line, or (line, {}, why) for a line that is not a JSON object."""
     empty: dict[str, Any] = {}
     loads = orjson.loads

@@ -12,7 +12,7 @@ all four keys; the job's ``prompt_column`` and the like do not apply.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -62,22 +62,19 @@ class OpenAIBatchSource(JsonlSource):
             if not any(problem is None for _, _, problem in _parsed_lines(f)) and not self.fail_rows:
                 raise self._error("the input has no rows")
 
-    def _batches(self, batch_size: int) -> Iterator[list[Row]]:
-        index = 0
+    def rows_of(self, lines: Iterable[bytes], batch_size: int) -> Iterator[list[Row]]:
         rows: list[Row] = []
-        with self.path.open("rb") as f:
-            for lineno, obj, bad_line in _parsed_lines(f):
-                row_id = obj.get("custom_id") if type(obj.get("custom_id")) is str else None
-                try:
-                    if bad_line is not None:
-                        raise RowProblem(bad_line, None)
-                    rows.append(_row(index, lineno, obj))
-                except RowProblem as problem:
-                    rows.append(self._problem(problem, index, lineno, row_id, None))
-                index += 1
-                if len(rows) >= batch_size:
-                    yield rows
-                    rows = []
+        for index, (lineno, obj, bad_line) in enumerate(_parsed_lines(lines)):
+            row_id = obj.get("custom_id") if type(obj.get("custom_id")) is str else None
+            try:
+                if bad_line is not None:
+                    raise RowProblem(bad_line, None)
+                rows.append(_row(index, lineno, obj))
+            except RowProblem as problem:
+                rows.append(self._problem(problem, index, lineno, row_id, None))
+            if len(rows) >= batch_size:
+                yield rows
+                rows = []
         if rows:
             yield rows
 

@@ -106,10 +106,11 @@ class ResumeIndex:
     rows_failed: int
     failed_keys: array[int] = field(default_factory=lambda: array("q"))  # sorted
     failed_skipped: int = 0
+    added: set[int] = field(default_factory=set)  # rows ok in parts other writers added since (see :meth:`add`)
 
     def __contains__(self, key: tuple[str, str]) -> bool:
         h = hash(f"{key[0]}{_KEY_SEP}{key[1]}")
-        if _holds(self.keys, h):
+        if _holds(self.keys, h) or h in self.added:
             return True
         if self.failed_keys and _holds(self.failed_keys, h):
             self.failed_skipped += 1
@@ -118,6 +119,16 @@ class ResumeIndex:
 
     def __len__(self) -> int:
         return len(self.keys) + len(self.failed_keys)
+
+    def add(self, parts: list[Path], key: tuple[str, ...] = PLAIN_KEY) -> int:
+        """Add the rows done ok in ``parts``, written since the index was loaded (by the other
+        workers of a job on Ray); returns how many."""
+        if not parts:
+            return 0
+        rows, _ = latest_rows(parts, key)
+        ok = rows.filter(compute().fill_null(compute().equal(rows["status"], "ok"), False))
+        self.added.update(_hashes(ok))
+        return int(ok.num_rows)
 
 
 def sweep_key(row_id: str, variant: str, sample: int) -> str:
@@ -148,11 +159,17 @@ def load_index(output: Path, *, include_failed: bool = False, key: tuple[str, ..
     rows_ok = pc.sum(ok).as_py() or 0
 
     def keys(rows: pa.Table) -> array[int]:
-        joined = pc.binary_join_element_wise(rows["id"], pc.fill_null(rows["request_fingerprint"], ""), _KEY_SEP)
-        return _sorted_keys(array("q", map(hash, joined.to_pylist())))
+        return _sorted_keys(_hashes(rows))
 
     failed = keys(latest.filter(pc.invert(ok))) if include_failed else array("q")
     return ResumeIndex(keys(latest.filter(ok)), rows_ok, latest.num_rows - rows_ok, failed)
+
+
+def _hashes(rows: pa.Table) -> array[int]:
+    """The resume keys of ``rows`` (key as "id", fingerprint), hashed."""
+    pc = compute()
+    joined = pc.binary_join_element_wise(rows["id"], pc.fill_null(rows["request_fingerprint"], ""), _KEY_SEP)
+    return array("q", map(hash, joined.to_pylist()))
 
 
 def _sorted_keys(keys: array[int]) -> array[int]:
