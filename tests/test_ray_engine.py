@@ -10,9 +10,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -257,6 +260,34 @@ def test_a_budget_holds_across_the_workers_and_a_rerun_sends_nothing(sim: SimSer
     code, _, err = finished(promptmill(job, "--budget-usd", f"{full:.6f}"))
     assert code == 4, err
     assert sim.stats["requests"] == sent  # the same budget again: the output has spent it
+
+
+@needs_ray
+def test_a_running_cluster_is_joined_with_ray_address(sim: SimServer, tmp_path: Path) -> None:
+    # a cluster of one node, as `ray start --head` makes it (token authentication on), on loopback
+    port = free_port()
+    ray_cli = Path(sys.executable).with_name("ray")
+    temp = tempfile.mkdtemp(prefix="pm-ray-")  # short: Ray's socket paths live in it
+    head = subprocess.Popen(
+        [str(ray_cli), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
+         "--num-cpus", "3", "--include-dashboard", "false", "--disable-usage-stats", "--temp-dir", temp],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        job = job_file(tmp_path, sim, 500)
+        code, out, err = finished(promptmill(job, "--ray-address", f"127.0.0.1:{port}"))
+        assert code == 0, err
+        assert_every_row_once_and_ok(tmp_path, 500)
+        assert "500 ok, 0 failed" in out
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)  # the head and every process it started, and no other Ray
+        head.wait(timeout=60)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 @needs_ray

@@ -21,6 +21,7 @@ What it does not do yet is refused in one line before anything is sent (see :fun
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 import shutil
 import signal
@@ -71,6 +72,9 @@ def run_ray_job(spec: JobSpec, opts: RunOptions | None = None, address: str | No
     started = time.perf_counter()
     check_supported(spec, opts)
     restore_skipped_modules()  # the command marked pyarrow's cloud filesystems absent; Ray Data reads through them
+    address = address or spec.engine.address
+    if address is not None:
+        _token_mode()
     try:
         import ray
     except ImportError:
@@ -91,7 +95,6 @@ def run_ray_job(spec: JobSpec, opts: RunOptions | None = None, address: str | No
     summary = Summary(job=spec.name, output=str(output), by_variant=spec.is_sweep)
     opts.summary = summary
     engine = spec.engine
-    address = address or engine.address
     key = SWEEP_KEY if spec.is_sweep else PLAIN_KEY
     stop: JobStopped | None = None
     with OutputStore.open(output, identity, schema, fresh=opts.fresh, keep_failed=not opts.retry_failed,
@@ -136,7 +139,10 @@ def _remove(temp: Path) -> None:
 
 
 def _join(address: str, env: dict[str, str]) -> None:
-    """Join the cluster at ``address``; one line if it cannot be reached."""
+    """Join the cluster at ``address``; one line if it cannot be reached.
+
+    A cluster started with ``ray start`` has Ray's token authentication on: see :func:`_token_mode`.
+    """
     import ray
 
     local: dict[str, Any] = {"_node_ip_address": "127.0.0.1"} if address.split(":")[0] in ("127.0.0.1", "localhost") else {}
@@ -144,7 +150,18 @@ def _join(address: str, env: dict[str, str]) -> None:
         ray.init(address=address, namespace=_NAMESPACE, runtime_env={"env_vars": env}, log_to_driver=False,
                  logging_level=logging.WARNING, **local)
     except ConnectionError as exc:
-        raise UsageError(f"cannot join the Ray cluster at {address} (--ray-address): {exc}") from None
+        raise UsageError(f"cannot join the Ray cluster at {address} (--ray-address): {exc}; a cluster with "
+                         "token authentication needs its token here (RAY_AUTH_TOKEN, or ~/.ray/auth_token)") from None
+
+
+def _token_mode() -> None:
+    """A driver joining a cluster says it uses Ray's token authentication (``RAY_AUTH_MODE=token``,
+    read when Ray is imported) whenever it has the token (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH``
+    or ``~/.ray/auth_token``, where ``ray start`` puts it), unless the mode is set already."""
+    if "RAY_AUTH_MODE" not in os.environ and (
+            os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
+            or (Path.home() / ".ray" / "auth_token").is_file()):
+        os.environ["RAY_AUTH_MODE"] = "token"
 
 
 def _block_rows(per_worker: int, workers: int, rows: int | None) -> int:
