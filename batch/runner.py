@@ -65,7 +65,7 @@ from batch.summary import Summary
 from batch.variants import Target
 from batch.worker import Workers
 
-__all__ = ["RunOptions", "check_api", "run_job", "run_lanes"]
+__all__ = ["RunOptions", "check_api", "lane_concurrency", "run_job", "run_lanes"]
 
 log = logging.getLogger(__name__)
 
@@ -287,7 +287,7 @@ async def run_lanes(job: Job, reader: Source, api_key: str | None,
             job.workers_scope = tg.cancel_scope
             sends = []
             for workers, target in zip(lanes, targets, strict=True):
-                concurrency = _concurrency(spec, target, share)
+                concurrency = lane_concurrency(spec, target, share)
                 send, receive = anyio.create_memory_object_stream[Request](max(2 * concurrency, 64))
                 sends.append(send)
                 async with receive:
@@ -308,9 +308,9 @@ async def run_lanes(job: Job, reader: Source, api_key: str | None,
         raise job.fatal
 
 
-def _concurrency(spec: JobSpec, target: Target, share: int) -> int:
-    """A target's requests in flight: its own concurrency (``share`` of it), else the job's."""
-    return max(1, target.concurrency // share) if target.concurrency else spec.limits.concurrency
+def lane_concurrency(spec: JobSpec, target: Target, share: int = 1) -> int:
+    """A target's requests in flight (``share`` of them: a Ray worker's): its own concurrency, else the job's."""
+    return max(1, (target.concurrency or spec.limits.concurrency) // share)
 
 
 async def _lane(job: Job, target: Target, timeouts: Timeouts, api_key: str | None,
@@ -336,7 +336,7 @@ async def _lane(job: Job, target: Target, timeouts: Timeouts, api_key: str | Non
         log.info("sending to the built-in simulator at %s", base_url)
     client = await stack.enter_async_context(Client(
         base_url, endpoint=target.endpoint, stream=spec.api.stream, api_key=_target_key(spec, target, api_key),
-        concurrency=_concurrency(spec, target, share), timeouts=timeouts, transport=opts.transport,
+        concurrency=lane_concurrency(spec, target, share), timeouts=timeouts, transport=opts.transport,
         max_body_bytes=int(spec.api.max_response_mb * 2**20), keep_body=spec.output.format == "openai_batch",
     ))
     return client, limiter, policy

@@ -104,6 +104,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="600 rows a scenario")
     parser.add_argument("--rpm", type=float, default=3000.0, help="the server's limit in the limit scenario")
     parser.add_argument("--run-timeout", type=float, default=600.0)
+    parser.add_argument("--scenarios", default="latency,limit,faults", help="which to run, comma-separated")
+    parser.add_argument("--no-ray-data-llm", action="store_true", help="promptmill alone")
     args = parser.parse_args()
     rows = 600 if args.quick else args.rows
     scenarios = {
@@ -115,10 +117,14 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp, SimServer(SimConfig()) as sim:
         inp = _rows(Path(tmp) / "in.parquet", rows)
         for name, (settings, rpm, qps) in scenarios.items():
+            if name not in args.scenarios.split(","):
+                continue
             sim.configure(**{**{k: getattr(SimConfig(), k) for k in ("latency_ms", "rpm", "window_s", "fault_rate")},
                              **settings})
             results.append((name, "promptmill", _promptmill(sim, inp, Path(tmp) / f"{name}.parquet",
                                                               args.run_timeout, rpm)))
+            if args.no_ray_data_llm:
+                continue
             import ray
 
             ray.init(num_cpus=WORKERS + 2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")

@@ -95,12 +95,14 @@ def assert_every_row_once_and_ok(tmp_path: Path, rows: int) -> None:
 @needs_ray
 def test_four_workers_answer_every_row_once_with_the_key_from_the_environment(
         sim: SimServer, tmp_path: Path) -> None:
-    sim.configure(api_key=SECRET)  # the workers must have the key, which reaches them through Ray
+    sim.configure(api_key=SECRET, latency_ms=40)  # the workers must have the key, which reaches them through Ray
     job = job_file(tmp_path, sim, 5000, ray_table=False)
     code, out, err = finished(promptmill(job, "--engine", "ray", key=SECRET))
     assert code == 0, err
     assert_every_row_once_and_ok(tmp_path, 5000)
     assert sim.stats["requests"] == 5000
+    # the job's concurrency (32) is shared by the workers: all of it in use, never more
+    assert 24 <= sim.stats["max_in_flight"] <= 32, sim.stats["max_in_flight"]
     summary = json.loads((tmp_path / "out" / "res.parquet.summary.json").read_text())
     assert summary["rows_ok"] == 5000 and summary["rows_failed"] == 0
     assert "5,000 ok, 0 failed" in out

@@ -217,7 +217,9 @@ def _drive(spec: JobSpec, summary: Summary, store: OutputStore, job: _Job, opts:
     ds = ds.repartition(target_num_rows_per_block=block_rows)
     ds = ds.map_batches(
         BlockWorker, batch_size=block_rows, batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=engine.workers), num_cpus=engine.cpus_per_worker,
+        # a block at a time: a block queued behind a busy worker would wait while another is idle
+        compute=ray.data.ActorPoolStrategy(size=engine.workers, max_tasks_in_flight_per_actor=1),
+        num_cpus=engine.cpus_per_worker,
         fn_constructor_kwargs={
             "spec": spec, "output": str(store.path), "schema": store.schema, "fmt": job.fmt,
             "base_url": job.base_url, "limiter": name, "namespace": _NAMESPACE, "workers": engine.workers,

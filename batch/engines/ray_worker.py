@@ -44,7 +44,7 @@ from batch.errors import APIStatusError, BudgetReached, JobStopped
 from batch.job import Job
 from batch.progress import Progress
 from batch.records import Row
-from batch.runner import RunOptions, run_lanes
+from batch.runner import RunOptions, lane_concurrency, run_lanes
 from batch.sources import open_source
 from batch.sources.base import FileSource
 from batch.sources.jsonl import JsonlSource
@@ -110,9 +110,9 @@ class BlockWorker:
                  key: tuple[str, ...]) -> None:
         import ray
 
-        # the limits are the cluster limiter's; this worker's share of the job's concurrency is its own
-        concurrency = max(1, spec.limits.concurrency // workers)
-        limits = msgspec.structs.replace(spec.limits, concurrency=concurrency, rpm=None, tpm=None)
+        # the limits are the cluster limiter's; this worker's share (1 / workers) of each target's
+        # concurrency is its own (run_lanes divides it)
+        limits = msgspec.structs.replace(spec.limits, rpm=None, tpm=None)
         self.spec = msgspec.structs.replace(spec, limits=limits)
         self.share = workers
         self.output = Path(output)
@@ -162,8 +162,8 @@ class BlockWorker:
         tally = _Tally()
         money = LeasedLedger(self.actor, self.run, self.money, state[2])
         job = Job(spec, opts, self.store, summary, tally, self.api_key, money=money, fmt=self.fmt)
-        lanes = [LeasedLimiter(self.actor, self.run, lane, spec.limits.concurrency, lambda s: _apply(job, s))
-                 for lane in range(len(job.fanout.targets))]
+        lanes = [LeasedLimiter(self.actor, self.run, lane, lane_concurrency(spec, target, self.share),
+                               lambda s: _apply(job, s)) for lane, target in enumerate(job.fanout.targets)]
         _apply(job, state)
         if job.fatal is not None or (money.reached and not money.per_variant):
             self.stopped = str(job.fatal) if job.fatal is not None else "budget reached"
