@@ -301,3 +301,25 @@ def test_an_input_without_an_id_column_is_refused_in_one_line(sim: SimServer, tm
     assert code == 2, err
     assert err.strip().splitlines()[-1].startswith("promptmill: the Ray engine needs an id column in the input")
     assert sim.stats["requests"] == 0 and not (tmp_path / "out" / "res.parquet").exists()
+
+
+@needs_ray
+def test_structured_output_on_ray_has_the_local_engines_columns_and_re_asks(sim: SimServer, tmp_path: Path) -> None:
+    sim.configure(invalid_output_rate=0.2)
+    schema = Path(__file__).parents[1] / "jobs" / "schemas" / "qa.json"
+    outputs = {}
+    for engine in ("local", "ray"):
+        job = job_file(tmp_path, sim, 300, concurrency=16)
+        job.write_text(job.read_text().replace("[output]\n", f'[output]\nschema_file = "{schema}"\nparse_attempts = 4\n')
+                       .replace('kind = "ray"', f'kind = "{engine}"').replace("max_tokens = 16", "max_tokens = 256")
+                       .replace(str(tmp_path / "out" / "res.parquet"), str(tmp_path / engine / "res.parquet")))
+        code, out, err = finished(promptmill(job))
+        assert code == 0, err
+        outputs[engine] = pq.read_table(tmp_path / engine / "res.parquet")
+        assert "rows asked again" in out
+    local, ray = outputs["local"], outputs["ray"]
+    assert ray.schema.remove_metadata() == local.schema.remove_metadata()
+    rows = ray.to_pylist()
+    assert sorted(r["id"] for r in rows) == [p["id"] for p in prompts(300)]
+    assert all(r["status"] == "ok" and r["parsed"]["question"] for r in rows)
+    assert any(r["invalid_answers"] > 0 for r in rows)  # answers that broke the schema were asked again
