@@ -16,17 +16,22 @@ from batch import __version__, variant_summary
 from batch.errors import DiskError
 from batch.prompts import output_format
 from batch.spec import JobSpec, template_fields
-from batch.store import METADATA_KEY, output_schema
+from batch.store import (
+    METADATA_KEY,
+    OutputStore,
+    check_not_input,
+    check_output_writable,
+    output_schema,
+)
 from batch.store.batch_output import write_batch_output
 from batch.store.schema import EXTRA_FIELDS
 
 if TYPE_CHECKING:
     from batch.sources import Source
-    from batch.store import OutputStore
     from batch.structured import OutputFormat
     from batch.summary import Summary
 
-__all__ = ["batch_files", "finish_output", "job_identity", "job_schema", "with_columns_read"]
+__all__ = ["batch_files", "checked_output", "finish_output", "job_identity", "job_schema", "with_columns_read"]
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +91,17 @@ def with_columns_read(spec: JobSpec) -> JobSpec:
         return spec
     return msgspec.structs.replace(
         spec, input=msgspec.structs.replace(spec.input, passthrough=(*spec.input.passthrough, *added)))
+
+
+def checked_output(spec: JobSpec, day: date | None) -> Path:
+    """The Parquet output (the durable store; beside an OpenAI batch output file), once it and
+    the batch files are checked: none is the input, each can be written."""
+    output = spec.store_path(spec.output_path(day))
+    OutputStore.check(output, Path(spec.input.path))
+    for export in batch_files(spec, day):
+        check_not_input(export, Path(spec.input.path))
+        check_output_writable(export)
+    return output
 
 
 def job_schema(spec: JobSpec, reader: Source, identity: dict[str, Any]) -> tuple[pa.Schema, OutputFormat | None]:

@@ -34,7 +34,6 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import date
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -48,7 +47,7 @@ from batch.client import Client, Timeouts
 from batch.errors import BudgetReached, DiskError, JobStopped, PromptmillError, UsageError
 from batch.job import Job
 from batch.limiter import Limiter
-from batch.outputs import batch_files, finish_output, job_identity, job_schema, with_columns_read
+from batch.outputs import checked_output, finish_output, job_identity, job_schema, with_columns_read
 from batch.progress import Progress
 from batch.records import Request
 from batch.retry import RetryPolicy, RetrySettings
@@ -58,8 +57,6 @@ from batch.store import (
     PLAIN_KEY,
     SWEEP_KEY,
     OutputStore,
-    check_not_input,
-    check_output_writable,
 )
 from batch.summary import Summary
 from batch.variants import Target
@@ -147,11 +144,7 @@ async def run_job(spec: JobSpec, opts: RunOptions | None = None) -> Summary:
     wall_start = opts.clock()
     api_key = check_api(spec)
     _base_url(spec, opts)  # refuse "simulator" with none started before anything is written
-    output = spec.store_path(spec.output_path(opts.date))  # the Parquet output: the durable store
-    OutputStore.check(output, Path(spec.input.path))
-    for export in batch_files(spec, opts.date):
-        check_not_input(export, Path(spec.input.path))
-        check_output_writable(export)
+    output = checked_output(spec, opts.date)  # the Parquet output: the durable store
     try:
         input_seen = os.stat(spec.input.path)  # before it is read: a change from now on stops the job
     except OSError:

@@ -323,3 +323,21 @@ def test_structured_output_on_ray_has_the_local_engines_columns_and_re_asks(sim:
     assert sorted(r["id"] for r in rows) == [p["id"] for p in prompts(300)]
     assert all(r["status"] == "ok" and r["parsed"]["question"] for r in rows)
     assert any(r["invalid_answers"] > 0 for r in rows)  # answers that broke the schema were asked again
+
+
+@needs_ray
+def test_openai_batch_files_on_ray_keep_their_parquet_store_and_resume(sim: SimServer, tmp_path: Path) -> None:
+    requests = Path(__file__).parents[1] / "sample_data" / "batch_requests.jsonl"
+    args = ["--input", requests, "--output", tmp_path / "results.jsonl", "--output-format", "openai_batch",
+            "--base-url", sim.base_url, "--model", "simulator-small", "--engine", "ray"]
+    code, _, err = finished(promptmill(*args))
+    assert code == 0, err
+    asked = [json.loads(line)["custom_id"] for line in requests.read_text().splitlines() if line.strip()]
+    lines = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert sorted(line["custom_id"] for line in lines) == sorted(asked)
+    assert all(line["response"]["status_code"] == 200 for line in lines)
+    assert pq.read_table(tmp_path / "results.parquet").num_rows == len(asked)  # the durable store, beside it
+    sent = sim.stats["requests"]
+    code, _, err = finished(promptmill(*args))
+    assert code == 0, err
+    assert sim.stats["requests"] == sent  # the rerun resumed from the store: nothing sent again

@@ -40,7 +40,7 @@ from batch._startup import restore_skipped_modules
 from batch.budget import Ledger, job_prices, open_ledger
 from batch.engines.ray_progress import ProgressView
 from batch.errors import BudgetReached, JobStopped, PromptmillError, UsageError
-from batch.outputs import finish_output, job_identity, job_schema, with_columns_read
+from batch.outputs import checked_output, finish_output, job_identity, job_schema, with_columns_read
 from batch.runner import RunOptions, _base_url, check_api, on_signals
 from batch.sources import open_source
 from batch.spec import JobSpec
@@ -81,8 +81,7 @@ def run_ray_job(spec: JobSpec, opts: RunOptions | None = None, address: str | No
         raise UsageError("the Ray engine needs Ray: pip install 'promptmill[ray]'") from None
     api_key = check_api(spec)
     base_url = _base_url(spec, opts)
-    output = spec.output_path(opts.date)
-    OutputStore.check(output, Path(spec.input.path))
+    output = checked_output(spec, opts.date)  # the Parquet output: the durable store
     spec = with_columns_read(spec)
     reader = open_source(spec.input)
     reader.check()  # ids unique, bad rows found, before anything is sent
