@@ -178,7 +178,8 @@ class Job:
         log.warning("still waiting for the server: %s left", span(self.wait_end - now))
 
     def stop_feeding(self) -> None:
-        """The budget is reached: send nothing more; requests in flight finish (see :mod:`batch.budget`)."""
+        """The budget is reached (see :mod:`batch.budget`), or a job on Ray is asked to stop: send
+        nothing more; requests in flight finish."""
         self.stopping = True
         self.feed_scope.cancel()
 

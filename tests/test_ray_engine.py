@@ -186,6 +186,29 @@ def test_a_fatal_answer_stops_every_worker_with_exit_3(sim: SimServer, tmp_path:
 
 
 @needs_ray
+def test_sigterm_lets_the_workers_finish_what_they_sent_and_keeps_every_paid_answer(
+        sim: SimServer, tmp_path: Path) -> None:
+    sim.configure(latency_ms=100)
+    rows = 1500
+    job = job_file(tmp_path, sim, rows, concurrency=16)
+    proc = started_until(job, lambda: sim.stats["requests"] >= 200)
+    proc.send_signal(signal.SIGTERM)
+    code, out, err = finished(proc)
+    assert code == 143, err
+    assert "SIGTERM: the workers send nothing more and finish their requests in flight" in err
+    got = output_rows(tmp_path)
+    assert 0 < len(got) < rows and {r["status"] for r in got} == {"ok"}
+    # every request sent was answered, recorded and counted: none paid and lost
+    assert sim.stats["requests"] == len(got)
+    summary = json.loads((tmp_path / "out" / "res.parquet.summary.json").read_text())
+    assert summary["rows_ok"] == len(got) and summary["stopped"] == "SIGTERM received"
+    code, _, err = finished(promptmill(job))
+    assert code == 0, err
+    assert_every_row_once_and_ok(tmp_path, rows)
+    assert sim.stats["requests"] == rows  # the rerun sent only what the first run had not
+
+
+@needs_ray
 def test_a_killed_worker_process_loses_nothing_and_writes_no_row_twice(sim: SimServer, tmp_path: Path) -> None:
     sim.configure(latency_ms=40)
     rows = 3000

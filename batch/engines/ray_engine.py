@@ -38,7 +38,7 @@ import pyarrow.fs as pafs
 
 from batch._startup import restore_skipped_modules
 from batch.budget import Ledger, job_prices, open_ledger
-from batch.engines.ray_progress import ProgressView
+from batch.engines.ray_progress import Interrupted, ProgressView, StopAsked
 from batch.errors import BudgetReached, JobStopped, PromptmillError, UsageError
 from batch.outputs import checked_output, finish_output, job_identity, job_schema, with_columns_read
 from batch.runner import RunOptions, _base_url, check_api, on_signals
@@ -226,21 +226,20 @@ def _drive(spec: JobSpec, summary: Summary, store: OutputStore, job: _Job, opts:
         },
     )
     per_row = len(spec.variants()) * spec.samples
+    stop = StopAsked(opts.grace_s)
     view = ProgressView(limiter, job.rows * per_row if job.rows is not None else None, opts.progress,
-                        job.money.limit)
+                        job.money.limit, stop)
     batches = ds.iter_batches(batch_format="pyarrow", batch_size=None)
     ray_threads = set(threading.enumerate())
     try:
-        with on_signals(_interrupt):
+        with on_signals(stop.handler):
             view.start()
             for out in batches:
                 batch = cast(pa.Table, out)
                 for blob in batch.column("summary").to_pylist():
                     merge_summary(summary, pickle.loads(blob))
-    except _Interrupted as signalled:
-        summary.stopped = f"{signalled.name} received"
-        opts.exit_signal = signalled.signum
-        log.warning("%s: stopping the workers; every finished row is kept", signalled.name)
+    except Interrupted as signalled:
+        log.warning("%s: stopping at once; the workers' rows on disk are kept", signalled.name)
     except ray.exceptions.RayError as exc:
         found = _ours(exc)
         if found is None:
@@ -249,6 +248,9 @@ def _drive(spec: JobSpec, summary: Summary, store: OutputStore, job: _Job, opts:
     finally:
         view.stop()
         _stop_dataset(batches, ray_threads)
+        if stop.signum is not None:
+            summary.stopped = f"{signal.Signals(stop.signum).name} received"
+            opts.exit_signal = stop.signum
     stats = ray.get(limiter.stats.remote())
     log.info("cluster limiter: %d requests admitted, %d answered 429", stats["requests"], stats["rate_limited"])
     if stats["workers_lost"]:
@@ -278,19 +280,6 @@ def _stopped(spec: JobSpec, summary: Summary, limiter: Any) -> JobStopped | None
     if stop is not None:
         log.error("%s", stop)
     return stop
-
-
-class _Interrupted(Exception):
-    def __init__(self, signum: int) -> None:
-        self.signum = signum
-        self.name = signal.Signals(signum).name
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    """SIGINT and SIGTERM stop the driver's wait for blocks: the parts on disk are assembled, the
-    summary printed, and the job exits 130 or 143, as the local engine does (the workers' requests
-    in flight are not waited for: they are Ray's to end)."""
-    raise _Interrupted(signum)
 
 
 def _stop_dataset(batches: Any, before: set[threading.Thread], timeout_s: float = 15.0) -> None:

@@ -45,8 +45,9 @@ log = logging.getLogger(__name__)
 # what: "ok" (an answer), "done" (an error answer: keep the estimate), "gone" (no answer: refund), "429".
 Report = tuple[int, str, dict[str, str] | None, int | None]
 # What a worker learns with every lease and report: the job's stop, the targets stopped
-# (lane: (message, HTTP status, error code, the target's line)), the budget's variants closed.
-State = tuple[str | None, dict[int, tuple[str, int | None, str | None, str]], list[str]]
+# (lane: (message, HTTP status, error code, the target's line)), the budget's variants closed,
+# and whether the driver asked to stop after the requests in flight (a signal).
+State = tuple[str | None, dict[int, tuple[str, int | None, str | None, str]], list[str], bool]
 
 _LEASE_LIMITED = 2  # admissions a lease takes when a limit paces requests: a small burst
 _LEASE_FREE = 64  # when nothing limits them: few round trips
@@ -68,6 +69,7 @@ class ClusterLimiter:
         self._fatal: str | None = None
         self._fatal_code = 3
         self._lanes_stopped: dict[int, tuple[str, int | None, str | None, str]] = {}
+        self._draining = False
         self._ledger = money.ledger()
         self._holds: dict[int, tuple[int, Hold]] = {}  # hold id: (worker, hold)
         self._clock = clock
@@ -172,13 +174,18 @@ class ClusterLimiter:
         """The job's stop and its exit code, and each target stopped with its line (for the driver)."""
         return self._fatal, self._fatal_code, {lane: why[3] for lane, why in self._lanes_stopped.items()}
 
+    def drain(self) -> None:
+        """The driver got a signal: workers send nothing more, finish their requests in flight and
+        hand their blocks back."""
+        self._draining = True
+
     def stop_lane(self, lane: int, why: tuple[str, int | None, str | None, str]) -> None:
         """A fatal answer from one target: its variants stop on every worker, the others go on."""
         self._lanes_stopped.setdefault(lane, why)
 
     def state(self) -> State:
         closed = [name for name, pool in self._ledger.pools.items() if pool.closed]
-        return self._fatal, dict(self._lanes_stopped), closed
+        return self._fatal, dict(self._lanes_stopped), closed, self._draining
 
     def _heard_from(self, worker: int) -> None:
         now = self._clock()

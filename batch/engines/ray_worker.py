@@ -165,8 +165,8 @@ class BlockWorker:
         lanes = [LeasedLimiter(self.actor, self.run, lane, lane_concurrency(spec, target, self.share),
                                lambda s: _apply(job, s)) for lane, target in enumerate(job.fanout.targets)]
         _apply(job, state)
-        if job.fatal is not None or (money.reached and not money.per_variant):
-            self.stopped = str(job.fatal) if job.fatal is not None else "budget reached"
+        if job.stopping or (money.reached and not money.per_variant):
+            self.stopped = str(job.fatal) if job.fatal is not None else "stopped"
             return
         source = _Block(rows, self.source.path, self.source.passthrough_schema)
         try:
@@ -184,8 +184,8 @@ class BlockWorker:
                 lane.give_back()
             await self._report(job, lanes, money, tally)
         stop = _fatal(job)
-        if stop is not None:
-            self.stopped = str(stop)
+        if stop is not None or job.stopping:  # a stop, the budget or the driver's signal: later blocks pass
+            self.stopped = str(stop) if stop is not None else "stopped"
 
     async def _watch(self, job: Job, lanes: list[LeasedLimiter], money: LeasedLedger, tally: _Tally) -> None:
         """Report to the limiter actor a few times a second; tell it of a stop here, learn of one elsewhere."""
@@ -213,8 +213,11 @@ class BlockWorker:
 
 
 def _apply(job: Job, state: State) -> None:
-    """What the actor says of the job: its stop, or targets stopped elsewhere."""
-    fatal, lanes, _ = state
+    """What the actor says of the job: its stop, targets stopped elsewhere, or the driver's signal
+    (send nothing more; the requests in flight finish and are kept)."""
+    fatal, lanes, _, draining = state
+    if draining and not job.stopping:
+        job.stop_feeding()
     for lane, (message, status, code, _line) in lanes.items():
         if lane not in job.lane_fatal:
             job.stop_lane(lane, APIStatusError(message, http_status=status, code=code))
