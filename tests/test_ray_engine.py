@@ -196,6 +196,7 @@ def test_sigterm_lets_the_workers_finish_what_they_sent_and_keeps_every_paid_ans
     code, out, err = finished(proc)
     assert code == 143, err
     assert "SIGTERM: the workers send nothing more and finish their requests in flight" in err
+    assert "stopped early: SIGTERM received" in out
     got = output_rows(tmp_path)
     assert 0 < len(got) < rows and {r["status"] for r in got} == {"ok"}
     # every request sent was answered, recorded and counted: none paid and lost
