@@ -36,7 +36,7 @@ from batch.summary import Summary
 if TYPE_CHECKING:
     from batch.runner import RunOptions
 
-__all__ = ["Job", "span"]
+__all__ = ["Job", "input_change", "span"]
 
 log = logging.getLogger(__name__)
 
@@ -276,17 +276,7 @@ class Job:
         return None
 
     def _input_changed(self) -> str | None:
-        """How the input's size or modification time differs from what the job saw at start, if it does."""
-        try:
-            now = os.stat(self.spec.input.path)
-        except OSError as exc:
-            return f"it is gone: {exc.strerror}"
-        size, mtime = self.input_seen
-        if now.st_size != size:
-            return f"{size:,} bytes at start, now {now.st_size:,}"
-        if now.st_mtime_ns != mtime:
-            return "modified since the job started"
-        return None
+        return input_change(self.spec.input.path, self.input_seen)
 
     async def flush_forever(self) -> None:
         while True:
@@ -332,6 +322,20 @@ def span(seconds: float) -> str:
     if seconds >= 120:
         return f"{seconds:,.0f} s ({seconds / 60:.1f} min)"
     return f"{seconds:.1f} s"
+
+
+def input_change(path: str | os.PathLike[str], seen: tuple[int, int]) -> str | None:
+    """How the input's size or modification time differs from ``seen`` (at start), if it does."""
+    try:
+        now = os.stat(path)
+    except OSError as exc:
+        return f"it is gone: {exc.strerror}"
+    size, mtime = seen
+    if now.st_size != size:
+        return f"{size:,} bytes at start, now {now.st_size:,}"
+    if now.st_mtime_ns != mtime:
+        return "modified since the job started"
+    return None
 
 
 def _fatal_message(exc: RequestError) -> str:

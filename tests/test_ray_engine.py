@@ -80,6 +80,13 @@ def started_until(job: Path, ready: Callable[[], bool]) -> subprocess.Popen[str]
     return proc
 
 
+def running(sim: SimServer, tmp_path: Path, rows: int, *, latency_ms: int, sent: int) -> tuple[Path, subprocess.Popen[str]]:
+    """A job of ``rows`` (answers after ``latency_ms``, concurrency 16), running, ``sent`` requests in."""
+    sim.configure(latency_ms=latency_ms)
+    job = job_file(tmp_path, sim, rows, concurrency=16)
+    return job, started_until(job, lambda: sim.stats["requests"] >= sent)
+
+
 def output_rows(tmp_path: Path) -> list[dict[str, Any]]:
     return pq.read_table(tmp_path / "out" / "res.parquet").to_pylist()
 
@@ -188,10 +195,8 @@ def test_a_fatal_answer_stops_every_worker_with_exit_3(sim: SimServer, tmp_path:
 @needs_ray
 def test_sigterm_lets_the_workers_finish_what_they_sent_and_keeps_every_paid_answer(
         sim: SimServer, tmp_path: Path) -> None:
-    sim.configure(latency_ms=100)
     rows = 1500
-    job = job_file(tmp_path, sim, rows, concurrency=16)
-    proc = started_until(job, lambda: sim.stats["requests"] >= 200)
+    job, proc = running(sim, tmp_path, rows, latency_ms=100, sent=200)
     proc.send_signal(signal.SIGTERM)
     code, out, err = finished(proc)
     assert code == 143, err
@@ -210,11 +215,23 @@ def test_sigterm_lets_the_workers_finish_what_they_sent_and_keeps_every_paid_ans
 
 
 @needs_ray
+def test_an_input_changed_while_the_job_runs_stops_every_worker_with_exit_65(sim: SimServer, tmp_path: Path) -> None:
+    rows = 1500
+    _, proc = running(sim, tmp_path, rows, latency_ms=100, sent=200)
+    inp = tmp_path / "in.parquet"
+    os.utime(inp, ns=(inp.stat().st_atime_ns, inp.stat().st_mtime_ns + 10**9))  # rewritten, as far as it can tell
+    code, _, err = finished(proc)
+    assert code == 65, err
+    assert f"{inp}: the input changed while the job ran (modified since the job started): stopping" in err
+    got = output_rows(tmp_path)
+    assert 0 < len(got) < rows and max(Counter(r["id"] for r in got).values()) == 1
+    assert {r["status"] for r in got} == {"ok"}
+
+
+@needs_ray
 def test_a_killed_worker_process_loses_nothing_and_writes_no_row_twice(sim: SimServer, tmp_path: Path) -> None:
-    sim.configure(latency_ms=40)
     rows = 3000
-    job = job_file(tmp_path, sim, rows, concurrency=16)
-    proc = started_until(job, lambda: sim.stats["requests"] >= 600)
+    _, proc = running(sim, tmp_path, rows, latency_ms=40, sent=600)
     workers = block_workers()
     assert len(workers) == WORKERS, workers
     os.kill(workers[0], signal.SIGKILL)  # mid-block: Ray restarts the actor and hands its block out again

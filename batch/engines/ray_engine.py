@@ -82,9 +82,14 @@ def run_ray_job(spec: JobSpec, opts: RunOptions | None = None, address: str | No
     api_key = check_api(spec)
     base_url = _base_url(spec, opts)
     output = checked_output(spec, opts.date)  # the Parquet output: the durable store
+    try:
+        seen = os.stat(spec.input.path)  # before it is read: a change from now on stops the job
+    except OSError:
+        seen = None  # the reader says what is wrong with it
     spec = with_columns_read(spec)
     reader = open_source(spec.input)
     reader.check()  # ids unique, bad rows found, before anything is sent
+    assert seen is not None
     if reader.id_column is None:
         raise UsageError("the Ray engine needs an id column in the input (input.id_column): Ray Data's "
                          "blocks carry no row numbers to name rows by")
@@ -112,7 +117,8 @@ def run_ray_job(spec: JobSpec, opts: RunOptions | None = None, address: str | No
             else:
                 _join(address, env)
             try:
-                stop = _drive(spec, summary, store, _Job(base_url, fmt, key, money, reader.num_rows), opts)
+                stop = _drive(spec, summary, store, _Job(base_url, fmt, key, money, reader.num_rows,
+                                                         (str(spec.input.path), seen.st_size, seen.st_mtime_ns)), opts)
             finally:
                 summary.rows_failed_kept = store.index.failed_skipped
                 summary.wall_s = time.perf_counter() - started
@@ -181,6 +187,7 @@ class _Job:
     key: tuple[str, ...]
     money: Ledger
     rows: int | None
+    input_seen: tuple[str, int, int]  # the input's path, size and modification time at start
 
 
 def _drive(spec: JobSpec, summary: Summary, store: OutputStore, job: _Job, opts: RunOptions) -> JobStopped | None:
@@ -228,7 +235,7 @@ def _drive(spec: JobSpec, summary: Summary, store: OutputStore, job: _Job, opts:
     per_row = len(spec.variants()) * spec.samples
     stop = StopAsked(opts.grace_s)
     view = ProgressView(limiter, job.rows * per_row if job.rows is not None else None, opts.progress,
-                        job.money.limit, stop)
+                        job.money.limit, stop, job.input_seen)
     batches = ds.iter_batches(batch_format="pyarrow", batch_size=None)
     ray_threads = set(threading.enumerate())
     try:

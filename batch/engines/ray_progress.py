@@ -5,6 +5,8 @@ asked for once a second (a bar on a terminal, a log line every 30 s elsewhere, a
 machine). A first SIGINT or SIGTERM asks the workers, through the actor, to send nothing
 more and finish their requests in flight (within ``grace_s``), so every answer paid for is
 kept; a second signal, or the grace running out, stops the driver's wait at once.
+An input whose size or modification time changes while the job runs stops every
+worker, as on one machine (exit 65).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from batch.errors import InputChanged
+from batch.job import input_change
 from batch.progress import Progress
 
 __all__ = ["Interrupted", "ProgressView", "StopAsked"]
@@ -65,9 +69,10 @@ class ProgressView:
     """A thread asking the limiter actor for the job's figures; stopped (joined) before Ray is shut down."""
 
     def __init__(self, limiter: Any, total: int | None, enabled: bool | None, budget: float | None,
-                 stop: StopAsked, log_every_s: float = 30.0) -> None:
+                 stop: StopAsked, input_seen: tuple[str, int, int], log_every_s: float = 30.0) -> None:
         self._limiter = limiter
         self._stop = stop
+        self._input: tuple[str, int, int] | None = input_seen  # path, size, mtime at start; None once told
         self._deadline: float | None = None  # of the grace, once a signal came
         self._money = _Money(budget)
         self.progress = Progress(total, enabled=enabled, money=self._money, log_every_s=log_every_s)
@@ -81,6 +86,20 @@ class ProgressView:
         while not self._done.wait(_EVERY_S):
             self.refresh()
             self._stopping()
+            self._check_input()
+
+    def _check_input(self) -> None:
+        """An input changed while the job runs: every worker stops, the job exits 65."""
+        if self._input is None:
+            return
+        path, size, mtime = self._input
+        change = input_change(path, (size, mtime))
+        if change is None:
+            return
+        self._input = None
+        stop = InputChanged(f"{path}: the input changed while the job ran ({change}): stopping; every finished "
+                            "row is kept; rerun the same command once the input is final")
+        self._limiter.stop.remote(str(stop), stop.exit_code)
 
     def _stopping(self) -> None:
         """After a first signal: ask the workers to stop; once the grace is out, stop at once."""
