@@ -89,7 +89,7 @@ def run_ray_job(spec: JobSpec, opts: RunOptions | None = None, address: str | No
     spec = with_columns_read(spec)
     reader = open_source(spec.input)
     reader.check()  # ids unique, bad rows found, before anything is sent
-    assert seen is not None
+    seen = seen or os.stat(spec.input.path)  # there now, as the reader found
     if reader.id_column is None:
         raise UsageError("the Ray engine needs an id column in the input (input.id_column): Ray Data's "
                          "blocks carry no row numbers to name rows by")

@@ -99,7 +99,8 @@ class _Tally(Progress):
 
 def _fatal(job: Job) -> JobStopped | None:
     """The job's stop, unless it is the budget's (the actor's own to tell)."""
-    return None if isinstance(job.fatal, BudgetReached) else job.fatal  # type: ignore[return-value]
+    fatal = job.fatal
+    return fatal if isinstance(fatal, JobStopped) and not isinstance(fatal, BudgetReached) else None
 
 
 class BlockWorker:
@@ -135,7 +136,9 @@ class BlockWorker:
     def __call__(self, block: pa.Table) -> pa.Table:
         summary = Summary(job=self.spec.name, output=str(self.output), by_variant=self.spec.is_sweep)
         if self.stopped is None:
-            get: Any = __import__("ray").get
+            import ray
+
+            get: Any = ray.get  # Ray's stubs type a get of one ref as a list
             state: State = get(self.actor.state.remote())
             self._catch_up()
             rows = self._rows(block)
