@@ -158,6 +158,10 @@ class InputSpec(_Spec, frozen=True):
         return template_fields(self.prompt_template) if self.prompt_template is not None else ()
 
     def _problem(self) -> tuple[str, str] | None:
+        scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]+):/", str(self.path))
+        if scheme:
+            return "path", (f"is a URI ({scheme.group(1)}://): promptmill reads the input as a file; "
+                            "mount the store (s3fs, gcsfuse, a shared volume) and give the mounted path")
         if self.prompt_template is not None:
             if self.messages_column is not None:
                 return "prompt_template", "messages_column and prompt_template exclude each other"

@@ -386,3 +386,12 @@ def test_a_bad_value_that_may_be_a_key_is_not_quoted(
     assert err.key == "api.base_url"
     assert "the value (not quoted: it may be a key) is not an http(s) URL" in str(err)
     assert "sk-" not in str(err) and "0123" not in str(err)
+
+
+@pytest.mark.parametrize("uri", ["s3://bucket/prompts.parquet", "gs://b/p.jsonl", "file:///data/in.jsonl"])
+def test_an_input_given_as_a_uri_is_refused_with_what_to_do_instead(tmp_path: Path, uri: str) -> None:
+    path = write(tmp_path, MINIMAL.replace('path = "in.jsonl"', f'path = "{uri}"'))
+    err = error_of(path)
+    scheme = uri.split(":")[0]
+    assert str(err) == (f"{path}, line 2, key 'input.path': is a URI ({scheme}://): promptmill reads the input "
+                        "as a file; mount the store (s3fs, gcsfuse, a shared volume) and give the mounted path")
