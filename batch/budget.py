@@ -148,9 +148,7 @@ class Ledger:
         """Reserve ``usd`` for one row of ``variant``; None when the budget is reached (do not send it)."""
         pool = self.pools[variant]
         if pool.limit is None:
-            pool.reserved += usd
-            pool.in_flight += 1
-            return Hold(pool, usd)
+            return self.held(variant, usd)
         async with pool.lock:
             while not pool.closed and not pool.fits(usd):
                 if pool.in_flight == 0:
@@ -159,9 +157,15 @@ class Ledger:
                 await pool.changed.wait()
             if pool.closed:
                 return None
-            pool.reserved += usd
-            pool.in_flight += 1
-            return Hold(pool, usd)
+            return self.held(variant, usd)
+
+    def held(self, variant: str, usd: float) -> Hold:
+        """``usd`` held for one row of ``variant``, without a check: it fits (or a Ray worker's
+        mirror of what the job's actor granted)."""
+        pool = self.pools[variant]
+        pool.reserved += usd
+        pool.in_flight += 1
+        return Hold(pool, usd)
 
     def settle(self, hold: Hold, usd: float | None) -> None:
         """The row's answer came: its real cost; None (no usage) counts at the reservation."""
@@ -174,6 +178,11 @@ class Ledger:
     def release(self, hold: Hold) -> None:
         """The row failed: nothing to pay."""
         self._end(hold, 0.0)
+
+    def lost(self, hold: Hold) -> None:
+        """The row's answer never came back (a Ray worker died): it may have been paid, so it counts
+        as spent at its reservation, the worst case."""
+        self._end(hold, hold.usd)
 
     def _end(self, hold: Hold, usd: float) -> None:
         pool = hold.pool

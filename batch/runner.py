@@ -34,7 +34,8 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import date
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import anyio
@@ -52,6 +53,7 @@ from batch.progress import Progress
 from batch.records import Request
 from batch.retry import RetryPolicy, RetrySettings
 from batch.sources import Source, open_source
+from batch.sources.base import FileSource
 from batch.spec import JobSpec, is_loopback
 from batch.store import (
     PLAIN_KEY,
@@ -62,7 +64,10 @@ from batch.summary import Summary
 from batch.variants import Target
 from batch.worker import Workers
 
-__all__ = ["RunOptions", "check_api", "lane_concurrency", "run_job", "run_lanes"]
+if TYPE_CHECKING:
+    from batch.structured import OutputFormat
+
+__all__ = ["Prepared", "RunOptions", "check_api", "lane_concurrency", "prepare", "run_job", "run_lanes"]
 
 log = logging.getLogger(__name__)
 
@@ -138,15 +143,31 @@ def _release_memory() -> None:
     pa.default_memory_pool().release_unused()
 
 
-async def run_job(spec: JobSpec, opts: RunOptions | None = None) -> Summary:
-    """Run one job to the end (or to a stop) and return its summary; see the module docstring."""
-    opts = opts or RunOptions()
-    wall_start = opts.clock()
+@dataclass(slots=True)
+class Prepared:
+    """A job checked and ready to open its output (:func:`prepare`), for either engine."""
+
+    spec: JobSpec  # with the columns its scores and templates read passed through
+    api_key: str | None
+    base_url: str
+    output: Path  # the Parquet output: the durable store
+    input_seen: os.stat_result | None  # the input before it was read: a change from then on stops the job
+    reader: FileSource
+    identity: dict[str, Any]
+    schema: pa.Schema
+    fmt: OutputFormat | None
+    summary: Summary
+    key: tuple[str, ...]  # the resume key: the id, or (id, variant, sample) in a sweep
+
+
+def prepare(spec: JobSpec, opts: RunOptions) -> Prepared:
+    """Everything checked before anything is written or sent: the key and URL, the output (not the
+    input, writable), the input (ids, bad rows), the prices a budget needs; the output's schema."""
     api_key = check_api(spec)
-    _base_url(spec, opts)  # refuse "simulator" with none started before anything is written
-    output = checked_output(spec, opts.date)  # the Parquet output: the durable store
+    base_url = _base_url(spec, opts)  # refuses "simulator" with none started
+    output = checked_output(spec, opts.date)
     try:
-        input_seen = os.stat(spec.input.path)  # before it is read: a change from now on stops the job
+        input_seen: os.stat_result | None = os.stat(spec.input.path)
     except OSError:
         input_seen = None  # the reader says what is wrong with it
     spec = with_columns_read(spec)
@@ -158,20 +179,28 @@ async def run_job(spec: JobSpec, opts: RunOptions | None = None) -> Summary:
     schema, fmt = job_schema(spec, reader, identity)
     summary = Summary(job=spec.name, output=str(output), by_variant=spec.is_sweep)
     opts.summary = summary
+    return Prepared(spec, api_key, base_url, output, input_seen, reader, identity, schema, fmt, summary,
+                    SWEEP_KEY if spec.is_sweep else PLAIN_KEY)
 
-    key = SWEEP_KEY if spec.is_sweep else PLAIN_KEY
-    with OutputStore.open(output, identity, schema, fresh=opts.fresh, keep_failed=not opts.retry_failed,
-                          key=key) as store:
+
+async def run_job(spec: JobSpec, opts: RunOptions | None = None) -> Summary:
+    """Run one job to the end (or to a stop) and return its summary; see the module docstring."""
+    opts = opts or RunOptions()
+    wall_start = opts.clock()
+    ready = prepare(spec, opts)
+    spec, summary = ready.spec, ready.summary
+    with OutputStore.open(ready.output, ready.identity, ready.schema, fresh=opts.fresh,
+                          keep_failed=not opts.retry_failed, key=ready.key) as store:
         _release_memory()
         if len(store.index):
             log.info("resuming: %s rows of an earlier run are done and will be skipped", f"{len(store.index):,}")
-        money = open_ledger(spec, output)
-        rows = getattr(reader, "num_rows", None)
+        money = open_ledger(spec, ready.output)
+        rows = ready.reader.num_rows
         per_row = len(spec.variants()) * spec.samples
         progress = Progress(rows * per_row if rows is not None else None, enabled=opts.progress, money=money)
-        job = Job(spec, opts, store, summary, progress, api_key, input_seen, money, fmt)
+        job = Job(spec, opts, store, summary, progress, ready.api_key, ready.input_seen, money, ready.fmt)
         try:
-            await run_lanes(job, reader, api_key)
+            await run_lanes(job, ready.reader, ready.api_key)
         except ExceptionGroup as group:
             # one of ours from inside the task group (a Parquet input damaged past its first rows): one line, not a tree
             first = _first_promptmill_error(group)

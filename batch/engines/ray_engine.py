@@ -29,7 +29,6 @@ import tempfile
 import threading
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -37,15 +36,13 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from batch._startup import restore_skipped_modules
-from batch.budget import Ledger, job_prices, open_ledger
+from batch.budget import Ledger, open_ledger
 from batch.engines.ray_progress import Interrupted, ProgressView, StopAsked
 from batch.errors import BudgetReached, JobStopped, PromptmillError, UsageError
-from batch.outputs import checked_output, finish_output, job_identity, job_schema, with_columns_read
-from batch.runner import RunOptions, _base_url, check_api, on_signals
-from batch.sources import open_source
+from batch.outputs import finish_output
+from batch.runner import Prepared, RunOptions, on_signals, prepare
 from batch.spec import JobSpec
-from batch.store import PLAIN_KEY, SWEEP_KEY, OutputStore, next_run_number
-from batch.structured import OutputFormat
+from batch.store import OutputStore, next_run_number
 from batch.summary import Summary
 
 __all__ = ["check_supported", "run_ray_job"]
@@ -79,35 +76,21 @@ def run_ray_job(spec: JobSpec, opts: RunOptions | None = None, address: str | No
         import ray
     except ImportError:
         raise UsageError("the Ray engine needs Ray: pip install 'promptmill[ray]'") from None
-    api_key = check_api(spec)
-    base_url = _base_url(spec, opts)
-    output = checked_output(spec, opts.date)  # the Parquet output: the durable store
-    try:
-        seen = os.stat(spec.input.path)  # before it is read: a change from now on stops the job
-    except OSError:
-        seen = None  # the reader says what is wrong with it
-    spec = with_columns_read(spec)
-    reader = open_source(spec.input)
-    reader.check()  # ids unique, bad rows found, before anything is sent
-    seen = seen or os.stat(spec.input.path)  # there now, as the reader found
+    ready = prepare(spec, opts)
+    spec, summary, reader = ready.spec, ready.summary, ready.reader
+    seen = ready.input_seen or os.stat(spec.input.path)  # there now, as the reader found
     if reader.id_column is None:
         raise UsageError("the Ray engine needs an id column in the input (input.id_column): Ray Data's "
                          "blocks carry no row numbers to name rows by")
-    Ledger.check(spec.limits.budget_usd, job_prices(spec))  # a budget with an unpriced model: refused now
-    identity = job_identity(spec)
-    schema, fmt = job_schema(spec, reader, identity)
-    summary = Summary(job=spec.name, output=str(output), by_variant=spec.is_sweep)
-    opts.summary = summary
     engine = spec.engine
-    key = SWEEP_KEY if spec.is_sweep else PLAIN_KEY
     stop: JobStopped | None = None
-    with OutputStore.open(output, identity, schema, fresh=opts.fresh, keep_failed=not opts.retry_failed,
-                          key=key) as store:
+    with OutputStore.open(ready.output, ready.identity, ready.schema, fresh=opts.fresh,
+                          keep_failed=not opts.retry_failed, key=ready.key) as store:
         if len(store.index):
             log.info("resuming: %s rows of an earlier run are done and will be skipped", f"{len(store.index):,}")
-        money = open_ledger(spec, output)
+        money = open_ledger(spec, ready.output)
         temp = None if address else tempfile.mkdtemp(prefix="promptmill-ray-")
-        env = {spec.api.api_key_env: api_key} if api_key else {}
+        env = {spec.api.api_key_env: ready.api_key} if ready.api_key else {}
         logging.getLogger("ray").setLevel(logging.WARNING)  # Ray's own progress lines: not the job's
         try:
             if address is None:
@@ -117,8 +100,7 @@ def run_ray_job(spec: JobSpec, opts: RunOptions | None = None, address: str | No
             else:
                 _join(address, env)
             try:
-                stop = _drive(spec, summary, store, _Job(base_url, fmt, key, money, reader.num_rows,
-                                                         (str(spec.input.path), seen.st_size, seen.st_mtime_ns)), opts)
+                stop = _drive(ready, store, money, seen, opts)
             finally:
                 summary.rows_failed_kept = store.index.failed_skipped
                 summary.wall_s = time.perf_counter() - started
@@ -178,21 +160,11 @@ def _block_rows(per_worker: int, workers: int, rows: int | None) -> int:
     return max(per_worker, min(most, -(-rows // (2 * workers))))
 
 
-@dataclass(frozen=True, slots=True)
-class _Job:
-    """What the driver hands the workers beside the spec and the store."""
-
-    base_url: str
-    fmt: OutputFormat | None
-    key: tuple[str, ...]
-    money: Ledger
-    rows: int | None
-    input_seen: tuple[str, int, int]  # the input's path, size and modification time at start
-
-
-def _drive(spec: JobSpec, summary: Summary, store: OutputStore, job: _Job, opts: RunOptions) -> JobStopped | None:
-    """The limiter actor, the dataset, the actor pool; adds each block's summary to ``summary``
-    and returns how the job stopped early, if it did (a fatal answer, the budget, a target)."""
+def _drive(ready: Prepared, store: OutputStore, money: Ledger, seen: os.stat_result,
+           opts: RunOptions) -> JobStopped | None:
+    """The limiter actor, the dataset, the actor pool; adds each block's summary to the job's
+    and returns how the job stopped early, if it did (a fatal answer, the budget, a target).
+    ``seen``: the input at start, for the watch of its changes."""
     import ray
     import ray.data
 
@@ -201,14 +173,16 @@ def _drive(spec: JobSpec, summary: Summary, store: OutputStore, job: _Job, opts:
     from batch.engines.ray_worker import BlockWorker, merge_summary
     from batch.fanout import Fanout
 
+    spec, summary, rows = ready.spec, ready.summary, ready.reader.num_rows
     engine = spec.engine
     name = f"limiter-{spec.name}-{uuid.uuid4().hex[:8]}"
-    targets = Fanout(spec, fmt=job.fmt).targets
+    targets = Fanout(spec, fmt=ready.fmt).targets
+    money_args = MoneyArgs.of(money)
     limiter: Any = ray.remote(ClusterLimiter).options(name=name, num_cpus=0).remote(
-        [(t.rpm, t.tpm) for t in targets], next_run_number(store.path) + 1, MoneyArgs.of(job.money))
+        [(t.rpm, t.tpm) for t in targets], next_run_number(store.path) + 1, money_args)
     per_worker = max(1, spec.limits.concurrency // engine.workers)
     path = str(Path(spec.input.path).resolve())
-    fmt = open_source(spec.input).format
+    fmt = ready.reader.format
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     fs = pafs.LocalFileSystem()  # Ray 2.60's Parquet reader wants one named
@@ -219,7 +193,7 @@ def _drive(spec: JobSpec, summary: Summary, store: OutputStore, job: _Job, opts:
         # JSON reader would guess column types ("65" read as 65, which the output cannot hold)
         ds = ray.data.read_text(path, filesystem=fs)
     # blocks of a worker's size, streamed: every worker gets some, however few files the input is
-    block_rows = _block_rows(per_worker, engine.workers, job.rows)
+    block_rows = _block_rows(per_worker, engine.workers, rows)
     ds = ds.repartition(target_num_rows_per_block=block_rows)
     ds = ds.map_batches(
         BlockWorker, batch_size=block_rows, batch_format="pyarrow",
@@ -227,15 +201,15 @@ def _drive(spec: JobSpec, summary: Summary, store: OutputStore, job: _Job, opts:
         compute=ray.data.ActorPoolStrategy(size=engine.workers, max_tasks_in_flight_per_actor=1),
         num_cpus=engine.cpus_per_worker,
         fn_constructor_kwargs={
-            "spec": spec, "output": str(store.path), "schema": store.schema, "fmt": job.fmt,
-            "base_url": job.base_url, "limiter": name, "namespace": _NAMESPACE, "workers": engine.workers,
-            "money": MoneyArgs.of(job.money), "keep_failed": not opts.retry_failed, "key": job.key,
+            "spec": spec, "output": str(store.path), "schema": store.schema, "fmt": ready.fmt,
+            "base_url": ready.base_url, "limiter": name, "namespace": _NAMESPACE, "workers": engine.workers,
+            "money": money_args, "keep_failed": not opts.retry_failed, "key": ready.key,
         },
     )
     per_row = len(spec.variants()) * spec.samples
     stop = StopAsked(opts.grace_s)
-    view = ProgressView(limiter, job.rows * per_row if job.rows is not None else None, opts.progress,
-                        job.money.limit, stop, job.input_seen)
+    view = ProgressView(limiter, rows * per_row if rows is not None else None, opts.progress, money.limit, stop,
+                        (str(spec.input.path), seen.st_size, seen.st_mtime_ns))
     batches = ds.iter_batches(batch_format="pyarrow", batch_size=None)
     ray_threads = set(threading.enumerate())
     try:

@@ -106,10 +106,14 @@ class ClusterLimiter:
             ids.append(self._next_id)
         return ids, self.state()
 
-    def report(self, worker: int, reports: list[Report], rows: list[int] | None = None, cost: float = 0.0) -> State:
-        """What happened to leased admissions, and the rows a worker finished since its last report."""
+    def report(self, worker: int, reports: list[Report], rows: list[int] | None = None, cost: float = 0.0,
+               settles: list[Settle] | None = None) -> State:
+        """What happened to leased admissions, the budget reservations settled, and the rows a worker
+        finished since its last report."""
         self._heard_from(worker)
         self._reported(reports)
+        if settles:
+            self.settle(worker, settles)
         if rows:
             for i, n in enumerate(rows):
                 self._rows[i] += n
@@ -204,8 +208,7 @@ class ClusterLimiter:
             _, lane, reservation = self._held.pop(rid)
             self._limiters[lane].release(reservation)
         for hid in [hid for hid, (w, _) in self._holds.items() if w in silent]:
-            hold = self._holds.pop(hid)[1]
-            self._ledger._end(hold, hold.usd)  # perhaps paid: counted at its worst case
+            self._ledger.lost(self._holds.pop(hid)[1])
         for w in silent:
             del self._heard[w]
         if lost:

@@ -80,10 +80,7 @@ class LeasedLedger(Ledger):
         if hid is None:
             self._closed.add(variant)
             return None
-        pool = self.pools[variant]
-        pool.reserved += usd
-        pool.in_flight += 1
-        hold = Hold(pool, usd)
+        hold = self.held(variant, usd)
         self._ids[id(hold)] = hid
         return hold
 

@@ -206,12 +206,9 @@ class BlockWorker:
             if lane not in tally.told:
                 tally.told.add(lane)
                 await actor.stop_lane.remote(lane, (exc.message, exc.http_status, exc.code, job.lane_stopped_text(lane)))
-        settles = money.take_settles()
-        if settles:
-            await actor.settle.remote(self.run, settles)
         reports = [r for lane in lanes for r in lane.take_reports()]
         rows, cost = tally.delta(job.summary)
-        state = await actor.report.remote(self.run, reports, rows, cost)
+        state = await actor.report.remote(self.run, reports, rows, cost, money.take_settles())
         _apply(job, state)
 
 
